@@ -1,0 +1,50 @@
+# vmhive — the two commands a user needs are `make run` and `make test`.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+IMAGE_CACHE := $(CURDIR)/.cache/images
+STAMP := $(VENV)/.installed
+
+.PHONY: setup deps venv image run test lint unit functional bench golden clean
+
+setup: deps venv image
+
+deps:
+	@scripts/install-deps.sh
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[dev]'
+	@touch $(STAMP)
+
+image: venv
+	@$(BIN)/python -m vmhive.guest.tiny $(IMAGE_CACHE)
+
+run: setup
+	VMHIVE_IMAGE_SEED=$(IMAGE_CACHE) $(BIN)/vmhive serve
+
+lint: venv
+	$(BIN)/ruff check src tests bench
+	$(BIN)/ruff format --check src tests bench
+	$(BIN)/mypy
+
+test: setup lint
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/pytest -q
+
+unit: venv
+	$(BIN)/pytest -q tests/unit
+
+functional: setup
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/pytest -q tests/functional
+
+golden: venv
+	VMHIVE_REGENERATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_argv.py
+
+bench: setup
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/python bench/start_latency.py
+
+clean:
+	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

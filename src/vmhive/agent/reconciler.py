@@ -1,0 +1,151 @@
+"""This host's agent: brings observed state toward desired state.
+
+At daemon start it recovers from whatever the last daemon left: jobs that
+were running are failed, half-created VMs are removed, half-deleted VMs are
+finished, running QEMUs are re-adopted, and autostart VMs are started. While
+the daemon runs it records every state change the driver reports, and a
+level-triggered loop re-checks each VM periodically.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+
+from sqlalchemy import select
+
+from vmhive.hypervisor.base import DriverError, ObservedState
+from vmhive.hypervisor.qemu.process import find_qemu_processes_under
+from vmhive.services import specs
+from vmhive.services.context import ServiceContext
+from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.vms import VmService
+from vmhive.store.models import Event, Vm
+
+log = logging.getLogger(__name__)
+
+ACTIVE_STATES = ("starting", "running", "paused", "stopping")
+
+
+class Agent:
+    def __init__(self, ctx: ServiceContext, vms: VmService, lifecycle: Lifecycle) -> None:
+        self.ctx = ctx
+        self.vms = vms
+        self.lifecycle = lifecycle
+        self._loop_task: asyncio.Task[None] | None = None
+        ctx.driver.on_state = self.on_state
+
+    async def on_state(self, vm_uuid: str, state: ObservedState, reason: str) -> None:
+        """Record a state the driver observed; a guest power-off is the user's wish."""
+        desired: str | None = None
+        pid: int | bool | None = False  # False: leave the recorded PID alone
+        if state == ObservedState.STOPPED:
+            desired, pid = "stopped", None
+        elif state == ObservedState.CRASHED:
+            pid = None  # desired stays: the user still wants it running; the crash shows
+            log.warning("VM %s crashed: %s", vm_uuid, reason)
+        await self.ctx.record_state(vm_uuid, state.value, reason, desired=desired, pid=pid)
+
+    async def recover(self) -> None:
+        for job in await self.ctx.runner.recover():
+            log.warning("job %s (%s) was interrupted by a daemon stop", job.id, job.kind)
+        async with self.ctx.sessions() as session:
+            vms = list(await session.scalars(select(Vm)))
+        for vm in vms:
+            if vm.state == "creating":
+                log.warning("removing VM %s: its creation was interrupted", vm.name)
+                await self.vms.finish_delete(vm.uuid)
+            elif vm.state == "deleting":
+                log.warning("finishing the interrupted deletion of VM %s", vm.name)
+                await self.vms.finish_delete(vm.uuid)
+            else:
+                await self._adopt(vm)
+        self._report_unowned()
+
+    async def _adopt(self, vm: Vm) -> None:
+        spec = specs.build_spec(self.ctx.settings, vm, vm.accel or self.ctx.host.accel.accel)
+        try:
+            result = await self.ctx.driver.adopt(spec)
+        except DriverError as exc:
+            # Never kill a guest we cannot talk to: show it, and leave it alone.
+            log.error("%s", exc)
+            await self.ctx.record_state(vm.uuid, "crashed", f"unmanageable: {exc}")
+            return
+        if result.adopted:
+            log.info("re-adopted VM %s (PID %s, %s)", vm.name, result.pid, result.state)
+            await self.ctx.record_state(vm.uuid, result.state.value, "", pid=result.pid)
+        elif vm.state in ACTIVE_STATES:
+            state = result.state.value
+            desired = "stopped" if result.state == ObservedState.STOPPED else None
+            await self.ctx.record_state(vm.uuid, state, result.reason, desired=desired, pid=None)
+        elif vm.state != "crashed":
+            await self.ctx.record_state(vm.uuid, "stopped", vm.state_reason, pid=None)
+
+    def _report_unowned(self) -> None:
+        run_root = self.ctx.settings.run_root
+        if not run_root.exists():
+            return
+        owned = {
+            pid for pid in (self.ctx.driver.pid(u) for u in self._known_uuids()) if pid is not None
+        }
+        unowned = {
+            pid: argv
+            for pid, argv in find_qemu_processes_under(run_root).items()
+            if pid not in owned
+        }
+        self.ctx.host.unowned_processes = unowned
+        for pid, argv in unowned.items():
+            log.warning(
+                "QEMU PID %s runs from %s but belongs to no VM: %s", pid, run_root, argv[:6]
+            )
+
+    def _known_uuids(self) -> list[str]:
+        run_root = self.ctx.settings.run_root
+        return [p.name for p in run_root.iterdir()] if run_root.exists() else []
+
+    async def autostart(self) -> None:
+        async with self.ctx.sessions() as session:
+            names = list(
+                await session.scalars(
+                    select(Vm.name).where(
+                        Vm.autostart.is_(True), Vm.state.in_(("stopped", "crashed"))
+                    )
+                )
+            )
+        for name in names:
+            log.info("autostarting VM %s", name)
+            await self.lifecycle.start(name)
+
+    def start_loop(self) -> None:
+        self._loop_task = asyncio.create_task(self._loop(), name="reconciler")
+
+    async def stop_loop(self) -> None:
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loop_task
+
+    async def _loop(self) -> None:
+        while True:
+            await asyncio.sleep(self.ctx.settings.reconcile_interval)
+            try:
+                await self.reconcile_once()
+            except Exception:
+                log.exception("reconcile pass failed")
+
+    async def reconcile_once(self) -> None:
+        """Level-triggered check: a VM recorded as active must have a live QEMU."""
+        async with self.ctx.sessions() as session:
+            vms = list(await session.scalars(select(Vm).where(Vm.state.in_(ACTIVE_STATES))))
+        for vm in vms:
+            if vm.state == "starting" or self.ctx.driver.is_running(vm.uuid):
+                continue
+            if self.ctx.runner.busy(f"vm:{vm.uuid}"):
+                continue
+            await self.ctx.record_state(
+                vm.uuid, "crashed", "QEMU is gone (found by the reconciler)", pid=None
+            )
+            async with self.ctx.sessions() as session:
+                session.add(Event(vm_uuid=vm.uuid, kind="reconcile", message=f"{vm.name}: lost"))
+                await session.commit()

@@ -1,0 +1,140 @@
+"""VMs: create, list, show, edit, delete, power actions, serial console."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
+from fastapi.responses import JSONResponse, Response
+from sqlalchemy import select
+
+from vmhive.api.deps import daemon_of, job_response
+from vmhive.api.schemas import VmCreate, VmEdit, VmOut
+from vmhive.services import specs
+from vmhive.services.errors import InvalidRequest
+from vmhive.services.vms import CreateVmRequest, DiskRequest, EditVmRequest
+from vmhive.storage.qemu_img import parse_size
+from vmhive.store.models import Vm
+
+router = APIRouter(tags=["vms"])
+
+POWER_ACTIONS = ("start", "stop", "force-stop", "reboot", "reset", "pause", "resume")
+
+
+def _size(value: str | int | None) -> int | None:
+    if value is None or isinstance(value, int):
+        return value
+    try:
+        return parse_size(value)
+    except ValueError as exc:
+        raise InvalidRequest(str(exc)) from None
+
+
+@router.get("/vms", response_model=list[VmOut])
+async def list_vms(request: Request) -> list[VmOut]:
+    daemon = daemon_of(request)
+    async with daemon.sessions() as session:
+        rows = await session.scalars(select(Vm).where(Vm.state != "deleting").order_by(Vm.name))
+        return [VmOut.of(vm) for vm in rows]
+
+
+@router.post("/vms", status_code=202)
+async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSONResponse:
+    daemon = daemon_of(request)
+    req = CreateVmRequest(
+        **body.model_dump(exclude={"disks"}),
+        disks=[DiskRequest(size=_size(d.size), image=d.image, mode=d.mode) for d in body.disks],
+    )
+    return await job_response(daemon, await daemon.vms.create(req), wait)
+
+
+@router.get("/vms/{name}", response_model=VmOut)
+async def show_vm(request: Request, name: str) -> VmOut:
+    return VmOut.of(await daemon_of(request).ctx.load_vm(name))
+
+
+@router.patch("/vms/{name}", response_model=VmOut)
+async def edit_vm(request: Request, name: str, body: VmEdit) -> VmOut:
+    daemon = daemon_of(request)
+    await daemon.vms.edit(name, EditVmRequest(**body.model_dump()))
+    return VmOut.of(await daemon.ctx.load_vm(name))
+
+
+@router.delete("/vms/{name}", status_code=202)
+async def delete_vm(
+    request: Request, name: str, force: bool = False, wait: bool = False
+) -> JSONResponse:
+    daemon = daemon_of(request)
+    return await job_response(daemon, await daemon.vms.delete(name, force=force), wait)
+
+
+@router.post("/vms/{name}/{action}", status_code=202)
+async def power_action(
+    request: Request, name: str, action: str, wait: bool = False, timeout: float | None = None
+) -> JSONResponse:
+    daemon = daemon_of(request)
+    life = daemon.lifecycle
+    if action not in POWER_ACTIONS:
+        return JSONResponse(
+            {"detail": f"unknown action {action!r}; use one of {', '.join(POWER_ACTIONS)}"}, 404
+        )
+    if timeout is not None and not 0 <= timeout <= 3600:
+        raise InvalidRequest("timeout must be between 0 and 3600 seconds")
+    calls = {
+        "start": lambda: life.start(name),
+        "stop": lambda: life.stop(name, timeout),
+        "force-stop": lambda: life.force_stop(name),
+        "reboot": lambda: life.reboot(name, timeout),
+        "reset": lambda: life.reset(name),
+        "pause": lambda: life.pause(name),
+        "resume": lambda: life.resume(name),
+    }
+    return await job_response(daemon, await calls[action](), wait)
+
+
+@router.get("/vms/{name}/console/log")
+async def console_log(request: Request, name: str) -> Response:
+    daemon = daemon_of(request)
+    vm = await daemon.ctx.load_vm(name)
+    data = daemon.driver.console_log(specs.runtime_paths(daemon.settings, vm.uuid))
+    return Response(data, media_type="application/octet-stream")
+
+
+@router.websocket("/vms/{name}/console")
+async def console(websocket: WebSocket, name: str) -> None:
+    """The live serial console: guest output as binary frames, input the same way."""
+    daemon = websocket.app.state.daemon
+    try:
+        vm = await daemon.ctx.load_vm(name)
+    except Exception as exc:
+        await websocket.close(code=4404, reason=str(exc)[:120])
+        return
+    terminal = daemon.driver.console(vm.uuid)
+    if terminal is None:
+        await websocket.close(code=4409, reason=f"VM {name} is not running")
+        return
+    await websocket.accept()
+    queue = terminal.subscribe()
+
+    async def to_client() -> None:
+        while (chunk := await queue.get()) is not None:
+            await websocket.send_bytes(chunk)
+        await websocket.close(code=1000, reason="the VM stopped")
+
+    sender = asyncio.create_task(to_client())
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            if data:
+                await terminal.write(data)
+    except (WebSocketDisconnect, ConnectionError, RuntimeError):
+        pass
+    finally:
+        terminal.unsubscribe(queue)
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender

@@ -1,0 +1,161 @@
+"""Pydantic schemas of the REST API: the stable JSON that clients see."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from vmhive.store.models import Job, JobLog, Vm
+
+
+class DiskIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    size: str | int | None = Field(
+        None, description="size of a blank disk, or to grow an image to: 10G, 512M or bytes"
+    )
+    image: str | None = Field(None, description="image to create the disk from")
+    mode: str = Field("overlay", description="overlay (copy-on-write) or copy")
+
+
+class VmCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    generation: int = 2
+    vcpus: int = 1
+    memory_mib: int = 512
+    disks: list[DiskIn] = []
+    iso: str | None = None
+    cdrom: bool = False
+    boot_order: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    nic: bool = True
+    mac: str | None = None
+    autostart: bool = False
+    description: str = ""
+    start: bool = False
+
+
+class VmEdit(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    description: str | None = None
+    boot_order: str | None = None
+    autostart: bool | None = None
+
+
+class DiskOut(BaseModel):
+    index: int
+    path: str
+    format: str
+    size_bytes: int
+    source: str
+    image: str | None
+
+
+class CdromOut(BaseModel):
+    index: int
+    iso: str | None
+
+
+class NicOut(BaseModel):
+    index: int
+    mac: str
+    model: str | None
+    backend: str
+
+
+class VmOut(BaseModel):
+    name: str
+    uuid: str
+    description: str
+    generation: int
+    vcpus: int
+    memory_mib: int
+    machine: str
+    state: str
+    state_reason: str
+    desired_state: str
+    accel: str | None
+    pid: int | None
+    autostart: bool
+    boot_order: str
+    kernel: str | None
+    initrd: str | None
+    cmdline: str | None
+    disks: list[DiskOut]
+    cdroms: list[CdromOut]
+    nics: list[NicOut]
+    created_at: datetime
+    updated_at: datetime
+
+    @classmethod
+    def of(cls, vm: Vm) -> VmOut:
+        return cls(
+            name=vm.name,
+            uuid=vm.uuid,
+            description=vm.description,
+            generation=vm.generation,
+            vcpus=vm.vcpus,
+            memory_mib=vm.memory_mib,
+            machine=vm.machine,
+            state=vm.state,
+            state_reason=vm.state_reason,
+            desired_state=vm.desired_state,
+            accel=vm.accel,
+            pid=vm.pid,
+            autostart=vm.autostart,
+            boot_order=vm.boot_order,
+            kernel=vm.kernel,
+            initrd=vm.initrd,
+            cmdline=vm.cmdline,
+            disks=[DiskOut.model_validate(d, from_attributes=True) for d in vm.disks],
+            cdroms=[CdromOut.model_validate(c, from_attributes=True) for c in vm.cdroms],
+            nics=[NicOut.model_validate(n, from_attributes=True) for n in vm.nics],
+            created_at=vm.created_at,
+            updated_at=vm.updated_at,
+        )
+
+
+class JobLogOut(BaseModel):
+    seq: int
+    at: datetime
+    message: str
+
+
+class JobOut(BaseModel):
+    id: str
+    kind: str
+    target: str | None
+    state: str
+    progress: int
+    error: str | None
+    params: dict[str, Any]
+    result: dict[str, Any] | None
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    log: list[JobLogOut] = []
+
+    @classmethod
+    def of(cls, job: Job, logs: list[JobLog] | None = None) -> JobOut:
+        out = cls.model_validate(job, from_attributes=True)
+        if logs:
+            out.log = [JobLogOut.model_validate(entry, from_attributes=True) for entry in logs]
+        return out
+
+
+class ImageOut(BaseModel):
+    name: str
+    path: str
+    format: str
+    virtual_size: int
+    actual_size: int
+
+
+class ErrorOut(BaseModel):
+    detail: str

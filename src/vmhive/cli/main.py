@@ -1,0 +1,544 @@
+"""`vmhive`: a thin command-line client of the REST API (plus `serve` itself)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from enum import StrEnum
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn
+from rich.table import Table
+
+from vmhive.cli.client import Api, ApiTarget, CliError
+from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
+
+app = typer.Typer(help="vmhive: manage QEMU/KVM virtual machines.", no_args_is_help=True)
+vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
+image_app = typer.Typer(help="Base images.", no_args_is_help=True)
+job_app = typer.Typer(help="Jobs: every change runs as one.", no_args_is_help=True)
+host_app = typer.Typer(help="This host.", no_args_is_help=True)
+app.add_typer(vm_app, name="vm")
+app.add_typer(image_app, name="image")
+app.add_typer(job_app, name="job")
+app.add_typer(host_app, name="host")
+
+out = Console()
+err = Console(stderr=True)
+
+
+class Output(StrEnum):
+    table = "table"
+    json = "json"
+
+
+OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
+WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the job to finish")]
+
+
+class State:
+    api: str | None = None
+    token: str | None = None
+    data_dir: Path | None = None
+
+
+state = State()
+
+
+@app.callback()
+def main_options(
+    api: Annotated[
+        str | None,
+        typer.Option(help="API URL (default: the data dir's unix socket); env VMHIVE_API"),
+    ] = None,
+    token: Annotated[
+        str | None, typer.Option(help="bearer token for --api; env VMHIVE_TOKEN")
+    ] = None,
+    data_dir: Annotated[Path | None, typer.Option(help="data dir; env VMHIVE_DATA_DIR")] = None,
+) -> None:
+    state.api, state.token, state.data_dir = api, token, data_dir
+
+
+def api() -> Api:
+    return Api(ApiTarget.resolve(state.api, state.token, state.data_dir))
+
+
+def print_json(data: Any) -> None:
+    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def run_job(client: Api, job: dict[str, Any], output: Output, wait: bool = True) -> dict[str, Any]:
+    """Follow a job with a progress bar (tables) or silently (json)."""
+    if not wait:
+        if output == Output.json:
+            print_json(job)
+        else:
+            out.print(f"job {job['id']} ({job['kind']}) {job['state']}")
+        return job
+    if output == Output.json or not sys.stderr.isatty():
+        job = client.wait_job(job)
+    else:
+        with Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            TextColumn("{task.percentage:>3.0f}%"),
+            console=err,
+            transient=True,
+        ) as bar:
+            task = bar.add_task(job["kind"], total=100)
+            job = client.wait_job(job, lambda j: bar.update(task, completed=j["progress"]))
+    if output == Output.json:
+        print_json(job)
+    return job
+
+
+def human_size(n: int) -> str:
+    size = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if size < 1024 or unit == "TiB":
+            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
+        size /= 1024
+    return str(n)
+
+
+# -- serve, token, host -------------------------------------------------------------
+
+
+@app.command()
+def serve(
+    data_dir: Annotated[
+        Path | None, typer.Option(help="where state lives; env VMHIVE_DATA_DIR")
+    ] = None,
+    listen: Annotated[str, typer.Option(help="TCP address of the API")] = DEFAULT_LISTEN,
+    db: Annotated[
+        str | None, typer.Option(help="database URL (default: SQLite in the data dir)")
+    ] = None,
+    accel: Annotated[str, typer.Option(help="auto, kvm or tcg")] = "auto",
+    image_dir: Annotated[
+        Path | None, typer.Option(help="image store (default: <data-dir>/images)")
+    ] = None,
+    demo: Annotated[bool, typer.Option(help="create the demo VM on first start")] = True,
+    stop_timeout: Annotated[
+        float, typer.Option(help="seconds of ACPI grace before a stop forces off")
+    ] = 60.0,
+) -> None:
+    """Run the daemon in the foreground: API, agent and job runner."""
+    import asyncio
+    import logging
+
+    from vmhive.daemon import serve as serve_daemon
+
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("qemu").setLevel(logging.CRITICAL)
+    settings = Settings(
+        data_dir=(data_dir or state.data_dir or default_data_dir()).resolve(),
+        db_url=db,
+        listen=listen,
+        accel=accel,
+        image_dir=image_dir.resolve() if image_dir else None,
+        create_demo=demo,
+        stop_timeout=stop_timeout,
+    )
+    try:
+        settings.check()
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    asyncio.run(serve_daemon(settings))
+
+
+@app.command()
+def token() -> None:
+    """Print the API token (for --api / VMHIVE_TOKEN over TCP)."""
+    path = (state.data_dir or default_data_dir()) / "token"
+    try:
+        print(path.read_text().strip())
+    except OSError as exc:
+        raise CliError(
+            f"cannot read {path}: {exc.strerror} (has `vmhive serve` run yet?)"
+        ) from None
+
+
+@host_app.command("info")
+def host_info(output: OutputOpt = Output.table) -> None:
+    """Host facts: QEMU, accelerator (with the KVM probe's verdict), machine types."""
+    info = api().get("/host")
+    if output == Output.json:
+        print_json(info)
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "hostname",
+        "kernel",
+        "cpus",
+        "memory_mib",
+        "qemu_version",
+        "accel",
+        "accel_reason",
+        "data_dir",
+        "image_dir",
+    ):
+        table.add_row(key, str(info.get(key)))
+    table.add_row("machine types", ", ".join(f"{k}={v}" for k, v in info["machine_types"].items()))
+    table.add_row("vms", ", ".join(f"{k}={v}" for k, v in info["vms"].items()) or "none")
+    for proc in info["unowned_qemu_processes"]:
+        table.add_row("unowned QEMU", f"PID {proc['pid']}")
+    out.print(table)
+    if not info["kvm_usable"]:
+        err.print(
+            f"[yellow]warning:[/] KVM is not usable here ({info['accel_reason']}); "
+            "VMs run under TCG, 5-10x slower"
+        )
+
+
+# -- VMs ------------------------------------------------------------------------------
+
+
+@vm_app.command("create")
+def vm_create(
+    name: str,
+    generation: Annotated[
+        int,
+        typer.Option("--generation", "-g", help="1 = BIOS + emulated devices, 2 = UEFI + virtio"),
+    ] = 2,
+    vcpus: Annotated[int, typer.Option(help="virtual CPUs")] = 1,
+    memory: Annotated[int, typer.Option(help="memory in MiB")] = 512,
+    image: Annotated[str | None, typer.Option(help="create the disk from this image")] = None,
+    disk_size: Annotated[
+        str | None, typer.Option(help="size of a blank disk (or to grow the image to), e.g. 10G")
+    ] = None,
+    full_copy: Annotated[
+        bool, typer.Option(help="copy the image instead of a copy-on-write overlay")
+    ] = False,
+    iso: Annotated[str | None, typer.Option(help="installer ISO for the CD-ROM")] = None,
+    boot_order: Annotated[str | None, typer.Option(help="e.g. cdrom,disk,network")] = None,
+    kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel path")] = None,
+    initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd path")] = None,
+    cmdline: Annotated[str | None, typer.Option(help="direct kernel boot: command line")] = None,
+    nic: Annotated[bool, typer.Option(help="add a NIC (user-mode NAT for now)")] = True,
+    mac: Annotated[str | None, typer.Option(help="MAC address of the NIC")] = None,
+    autostart: Annotated[bool, typer.Option(help="start when the daemon starts")] = False,
+    description: Annotated[str, typer.Option(help="free text")] = "",
+    start: Annotated[bool, typer.Option(help="start it once created")] = False,
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Create a VM."""
+    disks: list[dict[str, Any]] = []
+    if image:
+        disks.append(
+            {"image": image, "size": disk_size, "mode": "copy" if full_copy else "overlay"}
+        )
+    elif disk_size:
+        disks.append({"size": disk_size})
+    body = {
+        "name": name,
+        "generation": generation,
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "disks": disks,
+        "iso": iso,
+        "boot_order": boot_order,
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": cmdline,
+        "nic": nic,
+        "mac": mac,
+        "autostart": autostart,
+        "description": description,
+        "start": start,
+    }
+    client = api()
+    run_job(client, client.post("/vms", json=body), output, wait)
+    if wait and output == Output.table:
+        out.print(f"VM {name} created" + (" and started" if start else ""))
+
+
+VM_COLUMNS = ("name", "state", "generation", "vcpus", "memory_mib", "pid", "accel")
+
+
+@vm_app.command("list")
+def vm_list(output: OutputOpt = Output.table) -> None:
+    """List VMs."""
+    vms = api().get("/vms")
+    if output == Output.json:
+        print_json(vms)
+        return
+    table = Table(
+        *("gen" if c == "generation" else "memory" if c == "memory_mib" else c for c in VM_COLUMNS)
+    )
+    for vm in vms:
+        row = {
+            **vm,
+            "memory_mib": f"{vm['memory_mib']} MiB",
+            "pid": vm["pid"] or "-",
+            "accel": vm["accel"] or "-",
+        }
+        table.add_row(*(str(row[c]) for c in VM_COLUMNS))
+    out.print(table)
+
+
+@vm_app.command("show")
+def vm_show(name: str, output: OutputOpt = Output.table) -> None:
+    """Show one VM."""
+    vm = api().get(f"/vms/{name}")
+    if output == Output.json:
+        print_json(vm)
+        return
+    table = Table(show_header=False, box=None)
+    for key in (
+        "name",
+        "uuid",
+        "state",
+        "state_reason",
+        "desired_state",
+        "generation",
+        "machine",
+        "vcpus",
+        "memory_mib",
+        "accel",
+        "pid",
+        "boot_order",
+        "autostart",
+        "description",
+    ):
+        table.add_row(key, str(vm[key]))
+    for disk in vm["disks"]:
+        table.add_row(
+            f"disk{disk['index']}",
+            f"{disk['path']} ({human_size(disk['size_bytes'])}, {disk['source']})",
+        )
+    for cd in vm["cdroms"]:
+        table.add_row(f"cdrom{cd['index']}", cd["iso"] or "(empty)")
+    for nic in vm["nics"]:
+        table.add_row(f"nic{nic['index']}", f"{nic['mac']} ({nic['backend']})")
+    if vm["kernel"]:
+        table.add_row("kernel", f"{vm['kernel']} initrd={vm['initrd']} cmdline={vm['cmdline']!r}")
+    out.print(table)
+
+
+def _power(
+    name: str, action: str, output: Output, wait: bool, params: dict[str, Any] | None = None
+) -> None:
+    client = api()
+    job = client.post(f"/vms/{name}/{action}", params=params or {})
+    run_job(client, job, output, wait)
+    if wait and output == Output.table:
+        vm = client.get(f"/vms/{name}")
+        out.print(f"{name}: {vm['state']}")
+
+
+@vm_app.command("start")
+def vm_start(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Start a VM."""
+    _power(name, "start", output, wait)
+
+
+@vm_app.command("stop")
+def vm_stop(
+    name: str,
+    timeout: Annotated[float | None, typer.Option(help="seconds before forcing off")] = None,
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Shut a VM down gracefully (ACPI), forcing it off after the timeout."""
+    _power(name, "stop", output, wait, {"timeout": timeout} if timeout is not None else None)
+
+
+@vm_app.command("force-stop")
+def vm_force_stop(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Turn a VM off at once."""
+    _power(name, "force-stop", output, wait)
+
+
+@vm_app.command("reboot")
+def vm_reboot(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Power-cycle a VM cleanly (ACPI off, then start)."""
+    _power(name, "reboot", output, wait)
+
+
+@vm_app.command("reset")
+def vm_reset(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Hard-reset a VM."""
+    _power(name, "reset", output, wait)
+
+
+@vm_app.command("pause")
+def vm_pause(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Pause a VM's vCPUs."""
+    _power(name, "pause", output, wait)
+
+
+@vm_app.command("resume")
+def vm_resume(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Resume a paused VM."""
+    _power(name, "resume", output, wait)
+
+
+@vm_app.command("delete")
+def vm_delete(
+    name: str,
+    force: Annotated[bool, typer.Option(help="force a running VM off first")] = False,
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Delete a VM with its disks and files."""
+    client = api()
+    run_job(client, client.request("DELETE", f"/vms/{name}", params={"force": force}), output, wait)
+    if wait and output == Output.table:
+        out.print(f"VM {name} deleted")
+
+
+@vm_app.command("edit")
+def vm_edit(
+    name: str,
+    vcpus: Annotated[int | None, typer.Option(help="virtual CPUs (while stopped)")] = None,
+    memory: Annotated[int | None, typer.Option(help="memory in MiB (while stopped)")] = None,
+    description: Annotated[str | None, typer.Option(help="free text")] = None,
+    boot_order: Annotated[str | None, typer.Option(help="e.g. disk,cdrom (while stopped)")] = None,
+    autostart: Annotated[
+        bool | None, typer.Option("--autostart/--no-autostart", help="start with the daemon")
+    ] = None,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Change a VM's settings."""
+    body = {
+        "vcpus": vcpus,
+        "memory_mib": memory,
+        "description": description,
+        "boot_order": boot_order,
+        "autostart": autostart,
+    }
+    vm = api().request(
+        "PATCH", f"/vms/{name}", json={k: v for k, v in body.items() if v is not None}
+    )
+    if output == Output.json:
+        print_json(vm)
+    else:
+        out.print(f"VM {name} updated")
+
+
+@vm_app.command("console")
+def vm_console(
+    name: str,
+    log: Annotated[
+        bool, typer.Option("--log", help="print the captured console output and exit")
+    ] = False,
+) -> None:
+    """Attach to a VM's serial console (Ctrl-] detaches)."""
+    client = api()
+    if log:
+        sys.stdout.buffer.write(client.get(f"/vms/{name}/console/log"))
+        sys.stdout.flush()
+        return
+    from vmhive.cli.console import attach
+
+    client.get(f"/vms/{name}")  # a clear error for an unknown VM
+    attach(client.target, name)
+
+
+# -- images and jobs -----------------------------------------------------------------
+
+
+@image_app.command("list")
+def image_list(output: OutputOpt = Output.table) -> None:
+    """List base images."""
+    images = api().get("/images")
+    if output == Output.json:
+        print_json(images)
+        return
+    table = Table("name", "format", "virtual size", "on disk", "path")
+    for i in images:
+        table.add_row(
+            i["name"],
+            i["format"],
+            human_size(i["virtual_size"]),
+            human_size(i["actual_size"]),
+            i["path"],
+        )
+    out.print(table)
+
+
+@image_app.command("build-tiny")
+def image_build_tiny(wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Build the tiny test guest image from Debian packages (cached)."""
+    client = api()
+    job = run_job(client, client.post("/images/tiny"), output, wait)
+    if wait and output == Output.table:
+        out.print(f"image tiny ready: {job['result']['path']}")
+
+
+@job_app.command("list")
+def job_list(output: OutputOpt = Output.table, limit: int = 20) -> None:
+    """Recent jobs."""
+    jobs = api().get("/jobs", params={"limit": limit})
+    if output == Output.json:
+        print_json(jobs)
+        return
+    table = Table("id", "kind", "target", "state", "progress", "created", "error")
+    for j in jobs:
+        table.add_row(
+            j["id"],
+            j["kind"],
+            str(j["params"].get("name", j["target"])),
+            j["state"],
+            f"{j['progress']}%",
+            j["created_at"][:19],
+            j["error"] or "",
+        )
+    out.print(table)
+
+
+def _print_job(job: dict[str, Any], output: Output) -> None:
+    if output == Output.json:
+        print_json(job)
+        return
+    out.print(f"job {job['id']}  {job['kind']}  {job['state']}  {job['progress']}%")
+    if job["error"]:
+        out.print(f"error: {job['error']}")
+    for line in job["log"]:
+        out.print(f"  {line['seq']:>3} {line['at'][11:19]} {line['message']}")
+
+
+@job_app.command("show")
+def job_show(job_id: str, output: OutputOpt = Output.table) -> None:
+    """One job with its log."""
+    _print_job(api().get(f"/jobs/{job_id}"), output)
+
+
+@job_app.command("wait")
+def job_wait(job_id: str, output: OutputOpt = Output.table) -> None:
+    """Wait for a job to end; exits non-zero if it did not succeed."""
+    client = api()
+    run_job(client, client.get(f"/jobs/{job_id}"), output)
+    if output == Output.table:
+        _print_job(client.get(f"/jobs/{job_id}"), output)
+
+
+@job_app.command("cancel")
+def job_cancel(job_id: str, output: OutputOpt = Output.table) -> None:
+    """Cancel a queued job (or a running one that allows it)."""
+    _print_job(api().post(f"/jobs/{job_id}/cancel"), output)
+
+
+def main() -> None:
+    try:
+        app(standalone_mode=False)
+    except CliError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        sys.exit(1)
+    except (typer.Abort, KeyboardInterrupt):
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        raise

@@ -1,0 +1,219 @@
+"""`vmhive serve`: one asyncio process with the API, the agent and the job runner."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import secrets
+import shutil
+import socket
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+from sqlalchemy import func, select
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from vmhive.agent.reconciler import Agent
+from vmhive.api.app import create_app, wrap
+from vmhive.config import Settings
+from vmhive.guest import tiny
+from vmhive.hypervisor.base import Driver
+from vmhive.hypervisor.qemu.accel import choose_accel
+from vmhive.hypervisor.qemu.driver import QemuDriver
+from vmhive.jobs.runner import JobContext, JobError, JobRunner
+from vmhive.services.context import ServiceContext
+from vmhive.services.errors import Conflict
+from vmhive.services.host import HostInfo, pinned_machines, qemu_version
+from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.vms import CreateVmRequest, DiskRequest, VmService
+from vmhive.store import db
+from vmhive.store.models import Setting, Vm
+
+log = logging.getLogger("vmhive")
+
+DEMO_SETTING = "demo.created"
+TINY_ARTIFACTS = (tiny.IMAGE_NAME, tiny.KERNEL_NAME, tiny.INITRD_NAME, tiny.STAMP_NAME)
+
+
+def ensure_token(path: Path) -> str:
+    if path.exists():
+        return path.read_text().strip()
+    token = secrets.token_urlsafe(32)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(token + "\n")
+    return token
+
+
+class Daemon:
+    def __init__(self, settings: Settings, driver: Driver | None = None) -> None:
+        self.settings = settings
+        self.driver: Driver = driver or QemuDriver(
+            serial_log_max_bytes=settings.serial_log_max_bytes
+        )
+
+    async def start(self) -> None:
+        settings = self.settings
+        settings.check()
+        settings.data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+        for directory in (settings.vms_dir, settings.run_root, settings.images):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.token = ensure_token(settings.token_file)
+        await asyncio.to_thread(db.migrate, settings.database_url)
+        self.engine = db.make_engine(settings.database_url)
+        self.sessions = db.make_sessionmaker(self.engine)
+        self.runner = JobRunner(self.sessions)
+        tiny_dir = settings.images
+        verdict = await asyncio.to_thread(
+            choose_accel,
+            settings.accel,
+            settings.data_dir / "accel.json",
+            tiny_dir / tiny.KERNEL_NAME,
+            tiny_dir / tiny.INITRD_NAME,
+        )
+        self.host = HostInfo(
+            qemu_version=await qemu_version(),
+            machines=await pinned_machines(self.sessions),
+            accel=verdict,
+        )
+        self.ctx = ServiceContext(settings, self.sessions, self.driver, self.runner, self.host)
+        self.lifecycle = Lifecycle(self.ctx)
+        self.vms = VmService(self.ctx, self.lifecycle)
+        self.agent = Agent(self.ctx, self.vms, self.lifecycle)
+        await self.agent.recover()
+        await self.agent.autostart()
+        self.agent.start_loop()
+        log.info("accelerator: %s (%s)", verdict.accel, verdict.reason)
+
+    async def stop(self) -> None:
+        """Let go of everything; running guests are not touched."""
+        await self.agent.stop_loop()
+        await self.runner.shutdown()
+        await self.driver.detach_all()
+        await self.engine.dispose()
+
+    async def vm_counts(self, session: AsyncSession) -> dict[str, int]:
+        rows = await session.execute(select(Vm.state, func.count()).group_by(Vm.state))
+        return {state: count for state, count in rows.tuples()}
+
+    # -- images -------------------------------------------------------------------
+
+    async def build_tiny(self) -> str:
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            await ctx.log(f"building the tiny guest image into {self.settings.images}")
+            try:
+                path = await asyncio.to_thread(self._build_tiny_files)
+            except tiny.GuestBuildError as exc:
+                raise JobError(f"tiny image build failed: {exc}") from exc
+            await ctx.log(f"image ready: {path}")
+            return {"image": "tiny", "path": str(path)}
+
+        return await self.runner.submit("image.build-tiny", "image:tiny", job)
+
+    def _build_tiny_files(self) -> Path:
+        """Build into the image dir, or copy from a prebuilt seed (VMHIVE_IMAGE_SEED)."""
+        images = self.settings.images
+        seed = os.environ.get("VMHIVE_IMAGE_SEED")
+        if seed and Path(seed).resolve() != images.resolve():
+            built = tiny.build_tiny_image(Path(seed))
+            for name in TINY_ARTIFACTS:
+                shutil.copyfile(built.parent / name, images / (name + ".tmp"))
+                (images / (name + ".tmp")).replace(images / name)
+            return images / tiny.IMAGE_NAME
+        return tiny.build_tiny_image(images)
+
+    # -- first start ------------------------------------------------------------
+
+    async def create_demo(self) -> None:
+        """On the very first start, create and start a VM named demo."""
+        async with self.sessions() as session:
+            if await session.get(Setting, DEMO_SETTING) is not None:
+                return
+            session.add(Setting(key=DEMO_SETTING, value="1"))
+            await session.commit()
+        if await self.vms.images.get("tiny") is None:
+            log.info("building the tiny guest image for the demo VM (first start only)")
+            job_id = await self.build_tiny()
+            await self.runner.wait(job_id, 1800)
+        try:
+            job_id = await self.vms.create(
+                CreateVmRequest(
+                    name="demo",
+                    generation=2,
+                    vcpus=1,
+                    memory_mib=256,
+                    disks=[DiskRequest(image="tiny")],
+                    description="created on first start from the tiny test image",
+                    start=True,
+                )
+            )
+        except Conflict:
+            return
+        await self.runner.wait(job_id, 600)
+        job = await self.runner.get(job_id)
+        if job.state == "succeeded":
+            print(
+                "vmhive: the demo VM is running. Try:  vmhive vm list   vmhive vm console demo",
+                flush=True,
+            )
+        else:
+            print(f"vmhive: creating the demo VM failed: {job.error}", flush=True)
+
+
+def _unix_listener(path: Path) -> socket.socket:
+    if path.exists():
+        probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            probe.connect(str(path))
+        except OSError:
+            path.unlink()  # stale, from a daemon that died
+        else:
+            raise SystemExit(f"vmhive: another daemon is listening on {path}")
+        finally:
+            probe.close()
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    old = os.umask(0o177)
+    try:
+        sock.bind(str(path))
+    finally:
+        os.umask(old)
+    os.chmod(path, 0o600)
+    return sock
+
+
+def _tcp_listener(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise SystemExit(f"vmhive: cannot listen on {host}:{port}: {exc}") from None
+    return sock
+
+
+async def serve(settings: Settings) -> None:
+    daemon = Daemon(settings)
+    await daemon.start()
+    host, port = settings.listen_host_port()
+    sockets = [_tcp_listener(host, port), _unix_listener(settings.api_socket)]
+    app = wrap(create_app(daemon), daemon.token)
+    config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio")
+    server = uvicorn.Server(config)
+    print(f"vmhive: serving on http://{host}:{port} and {settings.api_socket}", flush=True)
+    demo: asyncio.Task[None] | None = None
+    if settings.create_demo:
+        demo = asyncio.create_task(daemon.create_demo())
+    try:
+        await server.serve(sockets=sockets)
+    finally:
+        if demo is not None:
+            demo.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await demo
+        await daemon.stop()
+        settings.api_socket.unlink(missing_ok=True)

@@ -1,0 +1,119 @@
+"""The hypervisor seam: what the services above may ask of a driver.
+
+Nothing above this interface builds a command line or speaks QMP. A driver
+reports observed state changes through a callback; it never writes the
+database itself.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from abc import ABC, abstractmethod
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from enum import StrEnum
+
+from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+
+
+class ObservedState(StrEnum):
+    STOPPED = "stopped"
+    STARTING = "starting"
+    RUNNING = "running"
+    PAUSED = "paused"
+    STOPPING = "stopping"
+    CRASHED = "crashed"
+
+
+StateCallback = Callable[[str, ObservedState, str], Awaitable[None]]
+
+
+class DriverError(Exception):
+    """A hypervisor operation failed; the message is meant for the user."""
+
+
+class NotRunning(DriverError):
+    pass
+
+
+@dataclass(frozen=True)
+class AdoptResult:
+    adopted: bool
+    state: ObservedState
+    reason: str
+    pid: int | None = None
+
+
+class Console(ABC):
+    """A VM's live serial console as the API layer sees it."""
+
+    @abstractmethod
+    def subscribe(self) -> asyncio.Queue[bytes | None]: ...
+
+    @abstractmethod
+    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None: ...
+
+    @abstractmethod
+    async def write(self, data: bytes) -> None: ...
+
+
+class Driver(ABC):
+    """One host's hypervisor. `capabilities` says which optional operations work."""
+
+    capabilities: frozenset[str] = frozenset()
+
+    def __init__(self) -> None:
+        self.on_state: StateCallback | None = None
+
+    async def _report(self, vm_uuid: str, state: ObservedState, reason: str = "") -> None:
+        if self.on_state is not None:
+            await self.on_state(vm_uuid, state, reason)
+
+    @abstractmethod
+    async def start(self, spec: VmSpec) -> int:
+        """Start the VM; returns the PID once its monitor answers."""
+
+    @abstractmethod
+    async def adopt(self, spec: VmSpec) -> AdoptResult:
+        """Re-attach to a VM left running by an earlier daemon, if it still runs."""
+
+    @abstractmethod
+    def is_running(self, vm_uuid: str) -> bool: ...
+
+    @abstractmethod
+    def pid(self, vm_uuid: str) -> int | None: ...
+
+    @abstractmethod
+    async def powerdown(self, vm_uuid: str) -> None:
+        """Press the ACPI power button."""
+
+    @abstractmethod
+    async def reset(self, vm_uuid: str) -> None: ...
+
+    @abstractmethod
+    async def pause(self, vm_uuid: str) -> None: ...
+
+    @abstractmethod
+    async def resume(self, vm_uuid: str) -> None: ...
+
+    @abstractmethod
+    async def kill(self, vm_uuid: str) -> None:
+        """Stop the VM at once, as pulling the plug; returns when it is gone."""
+
+    @abstractmethod
+    async def wait_stopped(self, vm_uuid: str, timeout: float) -> bool: ...
+
+    @abstractmethod
+    def console(self, vm_uuid: str) -> Console | None: ...
+
+    @abstractmethod
+    def console_log(self, runtime: RuntimePaths) -> bytes:
+        """The captured serial output; kept after the VM stops, until it is deleted."""
+
+    @abstractmethod
+    async def detach_all(self) -> None:
+        """Let go of every VM without touching it (daemon shutdown)."""
+
+    @abstractmethod
+    async def cleanup(self, vm_uuid: str, runtime: RuntimePaths) -> None:
+        """Remove a stopped VM's run directory (sockets, pidfile, logs)."""

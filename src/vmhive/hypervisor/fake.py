@@ -1,0 +1,130 @@
+"""An in-memory driver: lets the services, jobs and API be tested in milliseconds.
+
+It keeps the real driver's contract: start returns a PID, power-off and kill
+report STOPPED through the state callback, `crash` simulates a QEMU death.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+
+from vmhive.hypervisor.base import AdoptResult, Console, Driver, DriverError, NotRunning, ObservedState
+from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+
+
+class FakeConsole(Console):
+    def __init__(self) -> None:
+        self.written = bytearray()
+        self._subscribers: set[asyncio.Queue[bytes | None]] = set()
+
+    def subscribe(self) -> asyncio.Queue[bytes | None]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self._subscribers.discard(queue)
+
+    async def write(self, data: bytes) -> None:
+        self.written += data
+        for queue in self._subscribers:
+            queue.put_nowait(data)  # echo, as a terminal would
+
+
+class FakeDriver(Driver):
+    capabilities = frozenset({"pause", "reboot", "acpi-powerdown", "serial-console"})
+
+    def __init__(self, *, honour_powerdown: bool = True) -> None:
+        super().__init__()
+        self.honour_powerdown = honour_powerdown
+        self.started: dict[str, VmSpec] = {}
+        self.paused: set[str] = set()
+        self.consoles: dict[str, FakeConsole] = {}
+        self.fail_next_start: str | None = None
+        self._pids = itertools.count(10_000)
+        self._stopped: dict[str, asyncio.Event] = {}
+
+    async def start(self, spec: VmSpec) -> int:
+        if spec.uuid in self.started:
+            raise DriverError(f"VM {spec.name} is already running")
+        if self.fail_next_start:
+            message, self.fail_next_start = self.fail_next_start, None
+            raise DriverError(message)
+        self.started[spec.uuid] = spec
+        self.consoles[spec.uuid] = FakeConsole()
+        self._stopped[spec.uuid] = asyncio.Event()
+        return next(self._pids)
+
+    async def adopt(self, spec: VmSpec) -> AdoptResult:
+        if spec.uuid in self.started:
+            return AdoptResult(True, ObservedState.RUNNING, "re-adopted", 1)
+        return AdoptResult(False, ObservedState.STOPPED, "no process")
+
+    def is_running(self, vm_uuid: str) -> bool:
+        return vm_uuid in self.started
+
+    def pid(self, vm_uuid: str) -> int | None:
+        return 1 if vm_uuid in self.started else None
+
+    def _need(self, vm_uuid: str) -> None:
+        if vm_uuid not in self.started:
+            raise NotRunning("the VM is not running")
+
+    async def _gone(self, vm_uuid: str, state: ObservedState, reason: str) -> None:
+        self.started.pop(vm_uuid, None)
+        self.paused.discard(vm_uuid)
+        self.consoles.pop(vm_uuid, None)
+        await self._report(vm_uuid, state, reason)
+        self._stopped.pop(vm_uuid, asyncio.Event()).set()
+
+    async def powerdown(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        if self.honour_powerdown:
+            asyncio.get_running_loop().call_later(
+                0.01,
+                lambda: asyncio.ensure_future(
+                    self._gone(vm_uuid, ObservedState.STOPPED, "the guest powered itself off")
+                ),
+            )
+
+    async def reset(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+
+    async def pause(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        self.paused.add(vm_uuid)
+
+    async def resume(self, vm_uuid: str) -> None:
+        self._need(vm_uuid)
+        self.paused.discard(vm_uuid)
+
+    async def kill(self, vm_uuid: str) -> None:
+        if vm_uuid in self.started:
+            await self._gone(vm_uuid, ObservedState.STOPPED, "forced off")
+
+    async def crash(self, vm_uuid: str, reason: str = "QEMU was killed by SIGKILL") -> None:
+        await self._gone(vm_uuid, ObservedState.CRASHED, reason)
+
+    async def wait_stopped(self, vm_uuid: str, timeout: float) -> bool:
+        event = self._stopped.get(vm_uuid)
+        if event is None:
+            return True
+        try:
+            await asyncio.wait_for(event.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def console(self, vm_uuid: str) -> Console | None:
+        return self.consoles.get(vm_uuid)
+
+    def console_log(self, runtime: RuntimePaths) -> bytes:
+        return b""
+
+    async def detach_all(self) -> None:
+        self.started.clear()
+
+    async def cleanup(self, vm_uuid: str, runtime: RuntimePaths) -> None:
+        if vm_uuid in self.started:
+            raise DriverError("cannot clean up a running VM")

@@ -1,0 +1,309 @@
+"""The QEMU driver: supervises one QEMU process per VM through its QMP monitor.
+
+Per VM the driver holds a `_Vm`: the process handle (pidfd), the single QMP
+client for that monitor, the serial console connection and a watcher task
+that turns QMP events and process exit into observed-state reports.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import shutil
+import signal
+import time
+from dataclasses import dataclass, field
+
+from vmhive.hypervisor.base import (
+    AdoptResult,
+    Console,
+    Driver,
+    DriverError,
+    NotRunning,
+    ObservedState,
+)
+from vmhive.hypervisor.qemu.argv import build_argv
+from vmhive.hypervisor.qemu.process import (
+    LaunchError,
+    QemuProcess,
+    RuntimeRecord,
+    host_boot_id,
+    is_our_process,
+    launch,
+    process_alive,
+    tail,
+)
+from vmhive.hypervisor.qemu.qmp import MonitorError, QmpMonitor
+from vmhive.hypervisor.qemu.serial import SerialConsole
+from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+
+log = logging.getLogger(__name__)
+
+QMP_READY_DEADLINE = 15.0
+KILL_DEADLINE = 10.0
+SERIAL_LOG = "serial.log"
+
+
+@dataclass
+class _Vm:
+    spec: VmSpec
+    process: QemuProcess
+    monitor: QmpMonitor
+    serial: SerialConsole
+    watcher: asyncio.Task[None] | None = None
+    # Set when the exit that follows is expected (guest power-off, our quit or kill).
+    shutdown_reason: str | None = None
+    stopped: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+class QemuDriver(Driver):
+    capabilities = frozenset({"pause", "reboot", "acpi-powerdown", "serial-console", "adopt"})
+
+    def __init__(self, *, serial_log_max_bytes: int = 1024 * 1024) -> None:
+        super().__init__()
+        self._vms: dict[str, _Vm] = {}
+        self._serial_log_max = serial_log_max_bytes
+
+    # -- start and adopt ----------------------------------------------------
+
+    async def start(self, spec: VmSpec) -> int:
+        if spec.uuid in self._vms:
+            raise DriverError(f"VM {spec.name} is already running")
+        run_dir = spec.runtime.run_dir
+        run_dir.mkdir(parents=True, exist_ok=True)
+        runtime = spec.runtime
+        for stale in (runtime.qmp_socket, runtime.serial_socket, runtime.vnc_socket, runtime.pidfile):
+            stale.unlink(missing_ok=True)
+        # -S: vCPUs start only after the serial console is attached, so the
+        # console log holds the guest's output from its very first line.
+        argv = [*build_argv(spec), "-S"]
+        try:
+            process = launch(argv, run_dir, spec.runtime.log_file)
+        except LaunchError as exc:
+            raise DriverError(str(exc)) from exc
+        try:
+            await self._wait_for_socket(spec, process)
+            monitor = QmpMonitor(spec.name)
+            await monitor.connect(spec.runtime.qmp_socket)
+            serial = self._serial(spec)
+            await serial.connect()
+            RuntimeRecord(
+                vm_uuid=spec.uuid,
+                pid=process.pid,
+                argv=argv,
+                boot_id=host_boot_id(),
+                started_at=time.time(),
+                accel=spec.accel.value,
+            ).save(run_dir)
+            vm = _Vm(spec, process, monitor, serial)
+            self._vms[spec.uuid] = vm
+            await monitor.cont()
+        except BaseException as exc:
+            self._vms.pop(spec.uuid, None)
+            process.send_signal(signal.SIGKILL)
+            await process.wait(KILL_DEADLINE)
+            detail = tail(spec.runtime.log_file, 600).strip()
+            if isinstance(exc, DriverError | MonitorError | OSError | TimeoutError):
+                raise DriverError(f"QEMU did not start: {exc}; log: {detail}") from exc
+            raise
+        vm.watcher = asyncio.create_task(self._watch(vm), name=f"watch-{spec.name}")
+        return process.pid
+
+    async def _wait_for_socket(self, spec: VmSpec, process: QemuProcess) -> None:
+        deadline = time.monotonic() + QMP_READY_DEADLINE
+        while not spec.runtime.qmp_socket.exists():
+            if process.exited.is_set():
+                raise DriverError(process.exit_reason())
+            if time.monotonic() > deadline:
+                raise DriverError(f"no QMP socket after {QMP_READY_DEADLINE:.0f} s")
+            # QEMU creates the socket during start-up, a few ms in; poll finely.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.exited.wait(), 0.002)
+
+    def _serial(self, spec: VmSpec) -> SerialConsole:
+        return SerialConsole(
+            spec.runtime.serial_socket, spec.runtime.run_dir / SERIAL_LOG, self._serial_log_max
+        )
+
+    async def adopt(self, spec: VmSpec) -> AdoptResult:
+        if spec.uuid in self._vms:
+            vm = self._vms[spec.uuid]
+            return AdoptResult(
+                True, await self._query_state(vm), "already attached", vm.process.pid
+            )
+        record = RuntimeRecord.load(spec.runtime.run_dir)
+        if record is None:
+            return AdoptResult(False, ObservedState.STOPPED, "no runtime record")
+        if record.boot_id != host_boot_id():
+            return AdoptResult(False, ObservedState.STOPPED, "the host rebooted since it ran")
+        if not is_our_process(record):
+            if process_alive(record.pid):
+                reason = f"PID {record.pid} now belongs to another program (PID reused)"
+            else:
+                reason = "QEMU exited while the daemon was not running"
+            return AdoptResult(False, ObservedState.CRASHED, reason)
+        try:
+            process = QemuProcess(record.pid)
+        except ProcessLookupError:
+            return AdoptResult(False, ObservedState.CRASHED, "QEMU exited during re-adoption")
+        monitor = QmpMonitor(spec.name)
+        serial = self._serial(spec)
+        try:
+            await monitor.connect(spec.runtime.qmp_socket)
+            await serial.connect()
+        except (MonitorError, OSError, TimeoutError) as exc:
+            process.detach()
+            await monitor.close()
+            # Refuse rather than kill: the guest keeps running untouched.
+            raise DriverError(f"cannot re-attach to {spec.name} (PID {record.pid}): {exc}") from exc
+        vm = _Vm(spec, process, monitor, serial)
+        self._vms[spec.uuid] = vm
+        state = await self._query_state(vm)
+        vm.watcher = asyncio.create_task(self._watch(vm), name=f"watch-{spec.name}")
+        return AdoptResult(True, state, "re-adopted", record.pid)
+
+    # -- watching -----------------------------------------------------------
+
+    async def _query_state(self, vm: _Vm) -> ObservedState:
+        status = await vm.monitor.query_status()
+        if status.running:
+            return ObservedState.RUNNING
+        if status.status in ("paused", "suspended"):
+            return ObservedState.PAUSED
+        if status.status == "shutdown":
+            return ObservedState.STOPPING
+        if status.status in ("internal-error", "guest-panicked", "io-error"):
+            return ObservedState.CRASHED
+        return ObservedState.PAUSED
+
+    async def _watch(self, vm: _Vm) -> None:
+        uuid = vm.spec.uuid
+        events = asyncio.create_task(self._pump_events(vm))
+        try:
+            await vm.process.exited.wait()
+        finally:
+            events.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await events
+        await vm.monitor.close()
+        await vm.serial.close()
+        self._vms.pop(uuid, None)
+        try:
+            if vm.shutdown_reason is not None:
+                await self._report(uuid, ObservedState.STOPPED, vm.shutdown_reason)
+            else:
+                reason = vm.process.exit_reason()
+                detail = tail(vm.spec.runtime.log_file, 300).strip().splitlines()
+                if detail and "vmhive: starting QEMU" not in detail[-1]:
+                    reason += f"; last log line: {detail[-1]}"
+                await self._report(uuid, ObservedState.CRASHED, reason)
+        finally:
+            # Set only after the report: whoever waits for the stop reads the final state.
+            vm.stopped.set()
+
+    async def _pump_events(self, vm: _Vm) -> None:
+        uuid = vm.spec.uuid
+        while True:
+            try:
+                event = await vm.monitor.next_event()
+            except MonitorError:
+                return
+            if event.name == "SHUTDOWN":
+                guest = bool(event.data.get("guest"))
+                cause = str(event.data.get("reason", ""))
+                if vm.shutdown_reason is None:
+                    vm.shutdown_reason = (
+                        "the guest powered itself off" if guest else f"QEMU shut down ({cause})"
+                    )
+                await self._report(uuid, ObservedState.STOPPING, vm.shutdown_reason)
+            elif event.name == "STOP":
+                await self._report(uuid, ObservedState.PAUSED, "")
+            elif event.name == "RESUME":
+                await self._report(uuid, ObservedState.RUNNING, "")
+            elif event.name == "GUEST_PANICKED":
+                await self._report(uuid, ObservedState.CRASHED, "the guest kernel panicked")
+
+    # -- control --------------------------------------------------------------
+
+    def _get(self, vm_uuid: str) -> _Vm:
+        vm = self._vms.get(vm_uuid)
+        if vm is None:
+            raise NotRunning("the VM is not running")
+        return vm
+
+    def is_running(self, vm_uuid: str) -> bool:
+        return vm_uuid in self._vms
+
+    def pid(self, vm_uuid: str) -> int | None:
+        vm = self._vms.get(vm_uuid)
+        return vm.process.pid if vm else None
+
+    async def powerdown(self, vm_uuid: str) -> None:
+        await self._command(vm_uuid, "system_powerdown")
+
+    async def reset(self, vm_uuid: str) -> None:
+        await self._command(vm_uuid, "system_reset")
+
+    async def pause(self, vm_uuid: str) -> None:
+        await self._command(vm_uuid, "stop")
+
+    async def resume(self, vm_uuid: str) -> None:
+        await self._command(vm_uuid, "cont")
+
+    async def _command(self, vm_uuid: str, name: str) -> None:
+        vm = self._get(vm_uuid)
+        try:
+            await getattr(vm.monitor, name)()
+        except MonitorError as exc:
+            raise DriverError(f"{name} failed: {exc}") from exc
+
+    async def kill(self, vm_uuid: str) -> None:
+        vm = self._vms.get(vm_uuid)
+        if vm is None:
+            return
+        if vm.shutdown_reason is None:
+            vm.shutdown_reason = "forced off"
+        with contextlib.suppress(MonitorError):
+            await asyncio.wait_for(vm.monitor.quit(), 3)
+        if not await vm.process.wait(3):
+            vm.process.send_signal(signal.SIGKILL)
+            if not await vm.process.wait(KILL_DEADLINE):
+                raise DriverError(f"QEMU (PID {vm.process.pid}) did not die after SIGKILL")
+        await asyncio.wait_for(vm.stopped.wait(), KILL_DEADLINE)
+
+    async def wait_stopped(self, vm_uuid: str, timeout: float) -> bool:
+        vm = self._vms.get(vm_uuid)
+        if vm is None:
+            return True
+        try:
+            await asyncio.wait_for(vm.stopped.wait(), timeout)
+        except TimeoutError:
+            return False
+        return True
+
+    def console(self, vm_uuid: str) -> Console | None:
+        vm = self._vms.get(vm_uuid)
+        return vm.serial if vm else None
+
+    def console_log(self, runtime: RuntimePaths) -> bytes:
+        try:
+            return (runtime.run_dir / SERIAL_LOG).read_bytes()
+        except FileNotFoundError:
+            return b""
+
+    async def detach_all(self) -> None:
+        for vm in list(self._vms.values()):
+            if vm.watcher is not None:
+                vm.watcher.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await vm.watcher
+            vm.process.detach()
+            await vm.monitor.close()
+            await vm.serial.close()
+        self._vms.clear()
+
+    async def cleanup(self, vm_uuid: str, runtime: RuntimePaths) -> None:
+        if vm_uuid in self._vms:
+            raise DriverError("cannot clean up a running VM")
+        shutil.rmtree(runtime.run_dir, ignore_errors=True)

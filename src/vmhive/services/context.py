@@ -1,0 +1,72 @@
+"""What every service shares: settings, database, driver, job runner, host facts."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+
+from vmhive.config import Settings
+from vmhive.hypervisor.base import Driver
+from vmhive.jobs.runner import JobRunner
+from vmhive.services.errors import NotFound
+from vmhive.services.host import HostInfo
+from vmhive.store.models import Event, Vm, utcnow
+
+
+@dataclass
+class ServiceContext:
+    settings: Settings
+    sessions: async_sessionmaker[Any]
+    driver: Driver
+    runner: JobRunner
+    host: HostInfo
+
+    async def find_vm(self, session: AsyncSession, name: str) -> Vm:
+        vm = await session.scalar(select(Vm).where(Vm.name == name))
+        if vm is None or vm.state == "deleting":
+            raise NotFound(f"no VM named {name!r}")
+        return vm
+
+    async def load_vm(self, name: str) -> Vm:
+        async with self.sessions() as session:
+            return await self.find_vm(session, name)
+
+    async def load_vm_by_uuid(self, vm_uuid: str) -> Vm | None:
+        async with self.sessions() as session:
+            return await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+
+    async def record_state(
+        self,
+        vm_uuid: str,
+        state: str,
+        reason: str = "",
+        *,
+        desired: str | None = None,
+        pid: int | bool | None = False,
+        accel: str | None = None,
+    ) -> None:
+        """Store an observed state (and optionally desired state / pid) plus an event.
+
+        `pid=False` leaves the stored PID as it is; None clears it.
+        """
+        async with self.sessions() as session:
+            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+            if vm is None:
+                return
+            changed = vm.state != state
+            vm.state = state
+            vm.state_reason = reason
+            vm.updated_at = utcnow()
+            if desired is not None:
+                vm.desired_state = desired
+            if pid is not False:
+                vm.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+            if accel is not None:
+                vm.accel = accel
+            if changed:
+                message = f"{vm.name}: {state}" + (f" ({reason})" if reason else "")
+                session.add(Event(vm_uuid=vm_uuid, kind="state", message=message))
+            await session.commit()

@@ -1,0 +1,286 @@
+"""Creating, editing and deleting VMs (the hardware, not the power state)."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import uuid as uuidlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from vmhive.jobs.runner import JobContext, JobError
+from vmhive.services import specs
+from vmhive.services.context import ServiceContext
+from vmhive.services.errors import Conflict, InvalidRequest
+from vmhive.services.host import OVMF_VARS
+from vmhive.services.lifecycle import Lifecycle
+from vmhive.storage import qemu_img
+from vmhive.storage.images import ImageStore
+from vmhive.store.models import Cdrom, Disk, Event, Nic, Vm
+
+MAX_DISK_BYTES = 64 * 1024**4
+MAX_DISKS = 4  # gen 1 has four IDE slots, shared with CD-ROMs
+
+
+@dataclass
+class DiskRequest:
+    """A blank disk (`size` only) or a disk made from an image."""
+
+    size: int | None = None
+    image: str | None = None
+    mode: str = "overlay"  # overlay (copy-on-write) | copy
+
+
+@dataclass
+class CreateVmRequest:
+    name: str
+    generation: int = 2
+    vcpus: int = 1
+    memory_mib: int = 512
+    disks: list[DiskRequest] = field(default_factory=list)
+    iso: str | None = None
+    cdrom: bool = False
+    boot_order: str | None = None
+    kernel: str | None = None
+    initrd: str | None = None
+    cmdline: str | None = None
+    nic: bool = True
+    mac: str | None = None
+    autostart: bool = False
+    description: str = ""
+    start: bool = False
+
+
+@dataclass
+class EditVmRequest:
+    vcpus: int | None = None
+    memory_mib: int | None = None
+    description: str | None = None
+    boot_order: str | None = None
+    autostart: bool | None = None
+
+
+class VmService:
+    def __init__(self, ctx: ServiceContext, lifecycle: Lifecycle) -> None:
+        self.ctx = ctx
+        self.lifecycle = lifecycle
+        self.images = ImageStore(ctx.settings.images)
+
+    def allowed_roots(self) -> list[Path]:
+        return [self.ctx.settings.images, self.ctx.settings.data_dir / "iso"]
+
+    # -- create ---------------------------------------------------------------
+
+    async def create(self, req: CreateVmRequest) -> str:
+        """Validate, reserve the name, and submit the job that builds the VM."""
+        specs.check_name(req.name)
+        specs.check_resources(req.vcpus, req.memory_mib)
+        if req.generation not in (1, 2):
+            raise InvalidRequest(f"generation must be 1 or 2, got {req.generation}")
+        if len(req.disks) + (1 if req.iso or req.cdrom else 0) > MAX_DISKS:
+            raise InvalidRequest(f"at most {MAX_DISKS} disks and CD-ROMs together")
+        boot_order = req.boot_order or ("cdrom,disk,network" if req.iso else "disk,cdrom,network")
+        specs.parse_boot_order(boot_order)
+        roots = self.allowed_roots()
+        iso = str(specs.check_path_under(req.iso, roots, "ISO")) if req.iso else None
+        kernel = str(specs.check_path_under(req.kernel, roots, "kernel")) if req.kernel else None
+        initrd = str(specs.check_path_under(req.initrd, roots, "initrd")) if req.initrd else None
+        if initrd and not kernel:
+            raise InvalidRequest("an initrd needs a kernel")
+        if req.cmdline and not kernel:
+            raise InvalidRequest("a kernel command line needs a kernel")
+        sources = [await self._check_disk(d) for d in req.disks]
+        mac = specs.check_mac(req.mac) if req.mac else None
+
+        vm_uuid = str(uuidlib.uuid4())
+        async with self.ctx.sessions() as session:
+            taken = set(await session.scalars(select(Nic.mac)))
+            if mac and mac in taken:
+                raise Conflict(f"MAC address {mac} is already in use")
+            vm = Vm(
+                uuid=vm_uuid,
+                name=req.name,
+                description=req.description,
+                generation=req.generation,
+                vcpus=req.vcpus,
+                memory_mib=req.memory_mib,
+                machine=self.ctx.host.machines[req.generation],
+                boot_order=boot_order,
+                kernel=kernel,
+                initrd=initrd,
+                cmdline=req.cmdline,
+                autostart=req.autostart,
+                desired_state="stopped",
+                state="creating",
+            )
+            if iso or req.cdrom:
+                vm.cdroms.append(Cdrom(index=0, iso=iso))
+            if req.nic:
+                vm.nics.append(Nic(index=0, mac=mac or specs.random_mac(taken)))
+            session.add(vm)
+            session.add(Event(vm_uuid=vm_uuid, kind="create", message=f"{req.name}: created"))
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise Conflict(f"a VM named {req.name!r} already exists") from None
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            await self._build(ctx, vm_uuid, req, sources)
+            if req.start:
+                await self.lifecycle.do_start(ctx, vm_uuid)
+            return {"vm": req.name, "uuid": vm_uuid}
+
+        return await self.ctx.runner.submit(
+            "vm.create", f"vm:{vm_uuid}", job, params={"name": req.name}
+        )
+
+    async def _check_disk(self, disk: DiskRequest) -> tuple[DiskRequest, Path | None, str, int]:
+        if disk.mode not in ("overlay", "copy"):
+            raise InvalidRequest(f"disk mode must be overlay or copy, got {disk.mode!r}")
+        if disk.size is not None and not 1024 * 1024 <= disk.size <= MAX_DISK_BYTES:
+            raise InvalidRequest("disk size must be between 1 MiB and 64 TiB")
+        if disk.image is None:
+            if disk.size is None:
+                raise InvalidRequest("a blank disk needs a size")
+            return disk, None, "qcow2", disk.size
+        image = await self.images.get(disk.image)
+        if image is None:
+            raise InvalidRequest(f"unknown image {disk.image!r} (see `vmhive image list`)")
+        if disk.size is not None and disk.size < image.virtual_size:
+            raise InvalidRequest(
+                f"disk size {disk.size} is smaller than image {disk.image} ({image.virtual_size})"
+            )
+        return disk, image.path, image.format, disk.size or image.virtual_size
+
+    async def _build(
+        self,
+        ctx: JobContext,
+        vm_uuid: str,
+        req: CreateVmRequest,
+        sources: list[tuple[DiskRequest, Path | None, str, int]],
+    ) -> None:
+        settings = self.ctx.settings
+        directory = settings.vms_dir / vm_uuid
+
+        async def remove_vm() -> None:
+            shutil.rmtree(directory, ignore_errors=True)
+            async with self.ctx.sessions() as session:
+                vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+                if vm is not None:
+                    await session.delete(vm)
+                    await session.commit()
+
+        ctx.on_rollback(f"remove the half-created VM {req.name}", remove_vm)
+        directory.mkdir(parents=True, exist_ok=False)
+        rows: list[Disk] = []
+        for index, (disk, source, fmt, size) in enumerate(sources):
+            path = directory / f"disk{index}.qcow2"
+            step = f"disk {index}"
+            if source is None:
+                await ctx.log(f"{step}: blank qcow2 of {size} bytes")
+                await qemu_img.create_blank(path, size)
+                kind = "blank"
+            elif disk.mode == "overlay":
+                await ctx.log(f"{step}: copy-on-write overlay on image {disk.image}")
+                await qemu_img.create_overlay(path, source, fmt, disk.size)
+                kind = "overlay"
+            else:
+                await ctx.log(f"{step}: full copy of image {disk.image}")
+                share = 80 // max(1, len(sources))
+
+                async def report(
+                    percent: int, base: int = index * share, span: int = share
+                ) -> None:
+                    await ctx.progress(base + percent * span // 100)
+
+                await qemu_img.convert(source, fmt, path, "qcow2", progress=report)
+                if disk.size is not None:
+                    await qemu_img.resize(path, disk.size)
+                kind = "copy"
+            rows.append(
+                Disk(
+                    index=index,
+                    path=str(path),
+                    format="qcow2",
+                    size_bytes=size,
+                    source=kind,
+                    image=disk.image,
+                )
+            )
+        if req.generation == 2:
+            await ctx.log("UEFI: the VM's own copy of the firmware variables")
+            await asyncio.to_thread(shutil.copyfile, OVMF_VARS, directory / specs.VARS_FILE)
+        async with self.ctx.sessions() as session:
+            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+            if vm is None:
+                raise JobError("the VM vanished while it was being created")
+            vm.disks.extend(rows)
+            vm.state = "stopped"
+            await session.commit()
+        await ctx.progress(90 if req.start else 100)
+        ctx.commit()
+
+    # -- edit -------------------------------------------------------------------
+
+    async def edit(self, name: str, req: EditVmRequest) -> Vm:
+        async with self.ctx.sessions() as session:
+            vm = await self.ctx.find_vm(session, name)
+            hardware = req.vcpus is not None or req.memory_mib is not None or req.boot_order
+            if hardware and vm.state not in ("stopped", "crashed"):
+                raise Conflict(f"VM {name} must be stopped to change vCPUs, memory or boot order")
+            specs.check_resources(req.vcpus or vm.vcpus, req.memory_mib or vm.memory_mib)
+            if req.boot_order is not None:
+                specs.parse_boot_order(req.boot_order)
+                vm.boot_order = req.boot_order
+            if req.vcpus is not None:
+                vm.vcpus = req.vcpus
+            if req.memory_mib is not None:
+                vm.memory_mib = req.memory_mib
+            if req.description is not None:
+                vm.description = req.description
+            if req.autostart is not None:
+                vm.autostart = req.autostart
+            session.add(Event(vm_uuid=vm.uuid, kind="edit", message=f"{name}: edited"))
+            await session.commit()
+            return vm
+
+    # -- delete -----------------------------------------------------------------
+
+    async def delete(self, name: str, *, force: bool = False) -> str:
+        vm = await self.ctx.load_vm(name)
+        running = self.ctx.driver.is_running(vm.uuid)
+        if running and not force:
+            raise Conflict(f"VM {name} is running: stop it first, or delete with --force")
+        if vm.state == "creating":
+            raise Conflict(f"VM {name} is still being created")
+        vm_uuid = vm.uuid
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            if self.ctx.driver.is_running(vm_uuid):
+                await ctx.log("forcing the VM off")
+                await self.ctx.driver.kill(vm_uuid)
+            # Past this mark the deletion is rolled forward, even after a crash.
+            await self.ctx.record_state(vm_uuid, "deleting", "", desired="stopped", pid=None)
+            ctx.commit()
+            await self.finish_delete(vm_uuid)
+            await ctx.log("removed disks, firmware variables, sockets and logs")
+            return {"vm": name}
+
+        return await self.ctx.runner.submit(
+            "vm.delete", f"vm:{vm_uuid}", job, params={"name": name}
+        )
+
+    async def finish_delete(self, vm_uuid: str) -> None:
+        """Remove every file a VM owns, then its record. Safe to run twice."""
+        await self.ctx.driver.cleanup(vm_uuid, specs.runtime_paths(self.ctx.settings, vm_uuid))
+        await asyncio.to_thread(shutil.rmtree, self.ctx.settings.vms_dir / vm_uuid, True)
+        async with self.ctx.sessions() as session:
+            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+            if vm is not None:
+                session.add(Event(vm_uuid=vm_uuid, kind="delete", message=f"{vm.name}: deleted"))
+                await session.delete(vm)
+            await session.commit()

@@ -1,0 +1,93 @@
+"""qemu-img, always with an explicit format and JSON output."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+ProgressFn = Callable[[int], Awaitable[None]]
+
+_SIZE_RE = re.compile(r"^(\d+)([KMGT]?)i?B?$", re.IGNORECASE)
+_UNITS = {"": 1, "K": 1024, "M": 1024**2, "G": 1024**3, "T": 1024**4}
+
+
+class QemuImgError(Exception):
+    pass
+
+
+def parse_size(text: str) -> int:
+    """Parse a disk size such as "512M", "10G", "1T" or a byte count.
+
+    >>> parse_size("10G")
+    10737418240
+    >>> parse_size("512MiB")
+    536870912
+    """
+    match = _SIZE_RE.match(text.strip())
+    if not match:
+        raise ValueError(f"not a size: {text!r} (use e.g. 512M, 10G)")
+    return int(match.group(1)) * _UNITS[match.group(2).upper()]
+
+
+async def _run(*args: str, progress: ProgressFn | None = None) -> str:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stdout is not None and proc.stderr is not None
+    out = bytearray()
+    if progress is None:
+        stdout, stderr = await proc.communicate()
+        out += stdout
+    else:
+        # `qemu-img convert -p` redraws "    (42.00/100%)" with carriage returns.
+        buf = b""
+        while chunk := await proc.stdout.read(256):
+            buf += chunk
+            *parts, buf = re.split(rb"[\r\n]", buf)
+            for part in parts:
+                m = re.search(rb"\((\d+(?:\.\d+)?)/100%\)", part)
+                if m:
+                    await progress(int(float(m.group(1))))
+        stderr = await proc.stderr.read()
+        await proc.wait()
+    if proc.returncode != 0:
+        raise QemuImgError(f"qemu-img {args[0]} failed: {stderr.decode(errors='replace').strip()}")
+    return out.decode()
+
+
+async def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
+    args = ["info", "--output=json"]
+    if fmt:
+        args += ["-f", fmt]
+    result: dict[str, Any] = json.loads(await _run(*args, str(path)))
+    return result
+
+
+async def create_blank(path: Path, size: int, fmt: str = "qcow2") -> None:
+    await _run("create", "-q", "-f", fmt, str(path), str(size))
+
+
+async def create_overlay(path: Path, backing: Path, backing_fmt: str, size: int | None) -> None:
+    args = ["create", "-q", "-f", "qcow2", "-b", str(backing), "-F", backing_fmt, str(path)]
+    if size is not None:
+        args.append(str(size))
+    await _run(*args)
+
+
+async def convert(
+    src: Path, src_fmt: str, dest: Path, dest_fmt: str = "qcow2", progress: ProgressFn | None = None
+) -> None:
+    await _run(
+        "convert", "-p", "-f", src_fmt, "-O", dest_fmt, str(src), str(dest), progress=progress
+    )
+
+
+async def resize(path: Path, size: int, fmt: str = "qcow2") -> None:
+    await _run("resize", "-q", "-f", fmt, str(path), str(size))

@@ -1,0 +1,162 @@
+"""SQLAlchemy models. Portable SQL only: SQLite now, PostgreSQL for clusters."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    DateTime,
+    ForeignKey,
+    Integer,
+    String,
+    Text,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Vm(Base):
+    """A VM: its hardware (what the user configured) and its three kinds of state.
+
+    desired_state: what the user asked for (running | stopped).
+    state: what QEMU was last observed doing (stopped, starting, running,
+    paused, stopping, crashed) or a lifecycle mark (creating, deleting).
+    The in-flight job lives in the jobs table.
+    """
+
+    __tablename__ = "vms"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    uuid: Mapped[str] = mapped_column(String(36), unique=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    description: Mapped[str] = mapped_column(Text, default="")
+    generation: Mapped[int] = mapped_column(Integer)
+    vcpus: Mapped[int] = mapped_column(Integer)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    machine: Mapped[str] = mapped_column(String(64))
+    boot_order: Mapped[str] = mapped_column(String(64), default="disk,cdrom,network")
+    kernel: Mapped[str | None] = mapped_column(Text, nullable=True)
+    initrd: Mapped[str | None] = mapped_column(Text, nullable=True)
+    cmdline: Mapped[str | None] = mapped_column(Text, nullable=True)
+    autostart: Mapped[bool] = mapped_column(Boolean, default=False)
+    desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
+    state: Mapped[str] = mapped_column(String(16), default="creating")
+    state_reason: Mapped[str] = mapped_column(Text, default="")
+    pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    accel: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow, onupdate=utcnow
+    )
+
+    disks: Mapped[list[Disk]] = relationship(
+        back_populates="vm", order_by="Disk.index", cascade="all, delete-orphan", lazy="selectin"
+    )
+    cdroms: Mapped[list[Cdrom]] = relationship(
+        back_populates="vm", order_by="Cdrom.index", cascade="all, delete-orphan", lazy="selectin"
+    )
+    nics: Mapped[list[Nic]] = relationship(
+        back_populates="vm", order_by="Nic.index", cascade="all, delete-orphan", lazy="selectin"
+    )
+
+
+class Disk(Base):
+    __tablename__ = "disks"
+    __table_args__ = (UniqueConstraint("vm_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    path: Mapped[str] = mapped_column(Text)
+    format: Mapped[str] = mapped_column(String(16), default="qcow2")
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    source: Mapped[str] = mapped_column(String(16))  # blank | overlay | copy
+    image: Mapped[str | None] = mapped_column(String(128), nullable=True)
+
+    vm: Mapped[Vm] = relationship(back_populates="disks")
+
+
+class Cdrom(Base):
+    __tablename__ = "cdroms"
+    __table_args__ = (UniqueConstraint("vm_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    iso: Mapped[str | None] = mapped_column(Text, nullable=True)
+
+    vm: Mapped[Vm] = relationship(back_populates="cdroms")
+
+
+class Nic(Base):
+    __tablename__ = "nics"
+    __table_args__ = (UniqueConstraint("vm_id", "index"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"))
+    index: Mapped[int] = mapped_column(Integer)
+    mac: Mapped[str] = mapped_column(String(17), unique=True)
+    model: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    backend: Mapped[str] = mapped_column(String(16), default="user")
+
+    vm: Mapped[Vm] = relationship(back_populates="nics")
+
+
+class Job(Base):
+    __tablename__ = "jobs"
+
+    id: Mapped[str] = mapped_column(String(36), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    state: Mapped[str] = mapped_column(String(16), default="queued")
+    progress: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+    result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+
+
+class JobLog(Base):
+    __tablename__ = "job_logs"
+    __table_args__ = (UniqueConstraint("job_id", "seq"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
+    seq: Mapped[int] = mapped_column(Integer)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Event(Base):
+    """A recorded state transition or notable happening on a VM or the host."""
+
+    __tablename__ = "events"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    vm_uuid: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    message: Mapped[str] = mapped_column(Text)
+
+
+class Setting(Base):
+    """Host-wide persistent settings, e.g. pinned machine types."""
+
+    __tablename__ = "settings"
+
+    key: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(Text)

@@ -1,0 +1,28 @@
+"""Shared pytest fixtures."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def tiny_image_dir() -> Path:
+    """Directory holding the built tiny guest image (tiny.qcow2, vmlinuz, initrd.img).
+
+    Built once per session (and cached across sessions by a stamp) into
+    REPO/.cache/images, or into $VMHIVE_IMAGE_CACHE when set. Never write to the
+    image directly: boot a qcow2 overlay backed by it.
+    """
+    from vmhive.guest.tiny import GuestBuildError, build_tiny_image
+
+    dest = Path(os.environ.get("VMHIVE_IMAGE_CACHE") or REPO_ROOT / ".cache" / "images")
+    try:
+        build_tiny_image(dest)
+    except GuestBuildError as exc:
+        pytest.fail(f"cannot build the tiny guest image in {dest}: {exc}", pytrace=False)
+    return dest

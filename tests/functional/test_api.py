@@ -1,0 +1,136 @@
+"""The REST API's contract: auth, OpenAPI, jobs, and bad input that changes nothing."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import httpx
+import pytest
+
+from tests.functional.hive import Hive
+
+pytestmark = pytest.mark.functional
+
+
+def snapshot_tree(hive: Hive) -> set[str]:
+    """Every file under the VM and run dirs, to prove a refused request changed nothing."""
+    found = set()
+    for root in (hive.data_dir / "vms", hive.data_dir / "run"):
+        for dirpath, _dirs, files in os.walk(root):
+            found.update(os.path.join(dirpath, f) for f in files)
+    return found
+
+
+def test_tcp_api_needs_the_token_and_unix_socket_is_private(hive: Hive) -> None:
+    url = f"http://127.0.0.1:{hive.port}/api/vms"
+    assert httpx.get(url).status_code == 401
+    assert httpx.get(url, headers={"Authorization": "Bearer wrong"}).status_code == 401
+    ok = httpx.get(url, headers={"Authorization": f"Bearer {hive.token}"})
+    assert ok.status_code == 200 and isinstance(ok.json(), list)
+    assert (hive.data_dir / "token").stat().st_mode & 0o777 == 0o600
+    assert (hive.data_dir / "api.sock").stat().st_mode & 0o777 == 0o600
+    assert hive.cli("token").out.strip() == hive.token
+    # The CLI works over TCP too, with --api and the token.
+    listed = hive.cli("--api", f"http://127.0.0.1:{hive.port}", "--token", hive.token, "vm", "list", "-o", "json")
+    assert listed.json() == ok.json()
+
+
+def test_openapi_document(hive: Hive) -> None:
+    doc = hive.api("GET", "/api/openapi.json").json()
+    assert doc["info"]["title"] == "vmhive"
+    for path in ("/api/vms", "/api/vms/{name}", "/api/jobs/{job_id}", "/api/host"):
+        assert path in doc["paths"], path
+
+
+def test_create_answers_202_with_a_job_and_wait_blocks(hive: Hive) -> None:
+    body = {"name": "jobby", "generation": 1, "memory_mib": 64, "disks": [{"size": "16M"}]}
+    accepted = hive.api("POST", "/api/vms", json=body)
+    assert accepted.status_code == 202
+    job = accepted.json()
+    assert job["kind"] == "vm.create" and job["state"] in ("queued", "running", "succeeded")
+    assert accepted.headers["location"] == f"/api/jobs/{job['id']}"
+    done = hive.api("GET", f"/api/jobs/{job['id']}", params={"wait": "true"}).json()
+    assert done["state"] == "succeeded" and done["progress"] == 100
+    assert [entry["seq"] for entry in done["log"]] == list(range(1, len(done["log"]) + 1))
+    deleted = hive.api("DELETE", "/api/vms/jobby", params={"wait": "true"})
+    assert deleted.status_code == 200 and deleted.json()["state"] == "succeeded"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["vm", "create", "Bad_Name", "--disk-size", "16M"], "invalid VM name"),
+        (["vm", "create", "web1.", "--disk-size", "16M"], "invalid VM name"),
+        (["vm", "create", "toolong" * 10, "--disk-size", "16M"], "invalid VM name"),
+        (["vm", "create", "ok1", "--vcpus", "0"], "vcpus must be"),
+        (["vm", "create", "ok1", "--memory", "1"], "memory must be"),
+        (["vm", "create", "ok1", "--memory", "99999999"], "memory must be"),
+        (["vm", "create", "ok1", "--disk-size", "lots"], "not a size"),
+        (["vm", "create", "ok1", "--disk-size", "100P"], "not a size"),
+        (["vm", "create", "ok1", "--disk-size", "1K"], "disk size must be"),
+        (["vm", "create", "ok1", "--image", "nosuchimage"], "unknown image"),
+        (["vm", "create", "ok1", "--iso", "/etc/passwd"], "outside the allowed directories"),
+        (["vm", "create", "ok1", "--kernel", "/boot/../etc/shadow"], "outside the allowed"),
+        (["vm", "create", "ok1", "--generation", "3"], "generation must be 1 or 2"),
+        (["vm", "create", "ok1", "--boot-order", "floppy"], "invalid boot order"),
+        (["vm", "create", "ok1", "--mac", "01:00:5e:00:00:01"], "invalid MAC"),
+        (["vm", "start", "nosuchvm"], "no VM named"),
+        (["vm", "delete", "nosuchvm"], "no VM named"),
+        (["job", "show", "nosuchjob"], "no job with id"),
+    ],
+)
+def test_bad_input_is_refused_and_changes_nothing(hive: Hive, args: list[str], message: str) -> None:
+    before_vms = hive.cli("vm", "list", "-o", "json").json()
+    before_files = snapshot_tree(hive)
+    result = hive.cli(*args, check=False)
+    assert result.rc == 1
+    assert message in result.err
+    assert result.err.startswith("error: ") and result.err.count("\n") == 1, result.err
+    assert hive.cli("vm", "list", "-o", "json").json() == before_vms
+    assert snapshot_tree(hive) == before_files
+
+
+def test_conflicts(hive: Hive) -> None:
+    hive.cli("vm", "create", "twin", "--disk-size", "16M", "-g", "1", "--memory", "64")
+    files = snapshot_tree(hive)
+    dup = hive.cli("vm", "create", "twin", "--disk-size", "16M", check=False)
+    assert dup.rc == 1 and "already exists" in dup.err
+    assert snapshot_tree(hive) == files
+    stopped = hive.cli("vm", "stop", "twin", check=False)
+    assert stopped.rc == 1 and "not running" in stopped.err
+    hive.cli("vm", "start", "twin")
+    again = hive.cli("vm", "start", "twin", check=False)
+    assert again.rc == 1 and "already running" in again.err
+    running = hive.cli("vm", "delete", "twin", check=False)
+    assert running.rc == 1 and "is running" in running.err
+    assert hive.vm("twin")["state"] == "running"
+    hive.cli("vm", "delete", "twin", "--force")
+    assert hive.cli("vm", "list", "-o", "json").json() == [] or all(
+        vm["name"] != "twin" for vm in hive.cli("vm", "list", "-o", "json").json()
+    )
+
+
+def test_api_refusals_are_4xx_with_a_message(hive: Hive) -> None:
+    bad = hive.api("POST", "/api/vms", json={"name": "x", "memory_mib": "lots"})
+    assert bad.status_code == 422 and bad.json()["detail"]
+    extra = hive.api("POST", "/api/vms", json={"name": "x", "frobnicate": True})
+    assert extra.status_code == 422
+    unknown = hive.api("POST", "/api/vms/nosuch/start")
+    assert unknown.status_code == 404 and "no VM named" in unknown.json()["detail"]
+    action = hive.api("POST", "/api/vms/nosuch/explode")
+    assert action.status_code == 404
+
+
+def test_host_info_reports_accel_and_pinned_machines(hive: Hive) -> None:
+    info = hive.cli("host", "info", "--output", "json").json()
+    assert info["accel"] == "tcg"  # the fixture asks for --accel tcg
+    assert info["machine_types"]["gen1"].startswith("pc-i440fx-")
+    assert info["machine_types"]["gen2"].startswith("pc-q35-")
+    assert Path(info["firmware"]["ovmf_code"]).exists()
+
+
+def test_images_listed(hive: Hive) -> None:
+    images = hive.cli("image", "list", "--output", "json").json()
+    tiny = next(i for i in images if i["name"] == "tiny")
+    assert tiny["format"] == "qcow2" and tiny["virtual_size"] > tiny["actual_size"] > 0

@@ -1,0 +1,104 @@
+"""The daemon can die or restart without touching guests, and recovers what it left."""
+
+from __future__ import annotations
+
+import sqlite3
+import uuid
+from pathlib import Path
+
+import pytest
+
+from tests.functional.hive import Hive
+
+pytestmark = pytest.mark.functional
+
+
+def uptime(hive: Hive, name: str) -> float:
+    return float(hive.run_in_guest(name, "cat /proc/uptime").split()[0])
+
+
+def test_kill_9_daemon_readopts_running_vms(own_hive: Hive) -> None:
+    hive = own_hive
+    hive.create_tiny("alpha", 1, "--start")
+    hive.create_tiny("beta", 2, "--start")
+    hive.wait_ready("alpha")
+    hive.wait_ready("beta")
+    before = {name: hive.vm(name)["pid"] for name in ("alpha", "beta")}
+    up_before = {name: uptime(hive, name) for name in before}
+
+    hive.kill_daemon()
+    for pid in before.values():
+        assert Path(f"/proc/{pid}").exists(), "killing the daemon must not touch guests"
+    hive.start()
+
+    for name, pid in before.items():
+        vm = hive.vm(name)
+        assert vm["state"] == "running", vm
+        assert vm["pid"] == pid
+        assert uptime(hive, name) > up_before[name]
+    assert "re-adopted VM alpha" in hive.daemon_log()
+    host = hive.cli("host", "info", "--output", "json").json()
+    assert host["unowned_qemu_processes"] == []
+
+    # The re-adopted VMs are fully managed: a graceful stop works.
+    hive.cli("vm", "stop", "alpha")
+    assert hive.vm("alpha")["state"] == "stopped"
+    hive.cli("vm", "force-stop", "beta")
+
+
+def test_autostart_and_stale_state_after_restart(own_hive: Hive) -> None:
+    hive = own_hive
+    hive.create_tiny("auto", 1, "--autostart")
+    hive.create_tiny("manual", 1, "--start")
+    manual_pid = hive.vm("manual")["pid"]
+    hive.kill_daemon()
+    # While the daemon is away, the manual VM's QEMU dies.
+    import os
+    import signal
+
+    os.kill(manual_pid, signal.SIGKILL)
+    hive.start()
+    manual = hive.wait_state("manual", "crashed")
+    assert "while the daemon was not running" in manual["state_reason"]
+    auto = hive.wait_state("auto", "running", timeout=60)
+    assert auto["pid"]
+
+
+def test_interrupted_jobs_are_failed_and_rolled_back(own_hive: Hive) -> None:
+    """Fake what a daemon killed mid-create and mid-delete leaves, then restart."""
+    hive = own_hive
+    hive.create_tiny("keeper", 1)
+    hive.create_tiny("halfdeleted", 1)
+    doomed_uuid = hive.vm("halfdeleted")["uuid"]
+    hive.stop_daemon()
+
+    half_uuid = str(uuid.uuid4())
+    half_dir = hive.data_dir / "vms" / half_uuid
+    half_dir.mkdir(parents=True)
+    (half_dir / "disk0.qcow2").write_bytes(b"partial")
+    job_id = str(uuid.uuid4())
+    db = sqlite3.connect(hive.data_dir / "vmhive.db")
+    with db:
+        db.execute(
+            "INSERT INTO vms (uuid, name, description, generation, vcpus, memory_mib, machine,"
+            " boot_order, autostart, desired_state, state, state_reason, created_at, updated_at)"
+            " VALUES (?, 'half', '', 1, 1, 128, 'pc-i440fx-7.2', 'disk', 0, 'stopped',"
+            " 'creating', '', '2026-01-01', '2026-01-01')",
+            (half_uuid,),
+        )
+        db.execute(
+            "INSERT INTO jobs (id, kind, target, state, progress, params, created_at)"
+            " VALUES (?, 'vm.create', ?, 'running', 40, '{}', '2026-01-01')",
+            (job_id, f"vm:{half_uuid}"),
+        )
+        db.execute("UPDATE vms SET state='deleting' WHERE uuid=?", (doomed_uuid,))
+    db.close()
+
+    hive.start()
+    job = hive.cli("job", "show", job_id, "--output", "json").json()
+    assert job["state"] == "failed" and "interrupted" in job["error"]
+    names = [vm["name"] for vm in hive.cli("vm", "list", "--output", "json").json()]
+    assert names == ["keeper"]
+    assert not half_dir.exists()
+    assert not (hive.data_dir / "vms" / doomed_uuid).exists()
+    assert hive.vm("keeper")["state"] == "stopped"
