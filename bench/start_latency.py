@@ -24,11 +24,11 @@ import tempfile
 import time
 from pathlib import Path
 
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from tests.functional.hive import Hive  # noqa: E402
-from vmhive.hypervisor.qemu.qmp import QmpMonitor  # noqa: E402
+from tests.functional.hive import Hive
+
+from vmhive.hypervisor.qemu.qmp import QmpMonitor
 
 
 def vmhive_start(hive: Hive, name: str) -> float:
@@ -71,7 +71,7 @@ def main() -> None:
     hive = Hive(images)
     hive.start()
     try:
-        hive.cli("vm", "create", "bench", "--generation", "2", "--memory", "128", "--image", "tiny")
+        hive.cli("vm", "create", "bench", "--generation", "2", "--memory", "256", "--image", "tiny")
         uuid = hive.vm("bench")["uuid"]
         vmhive_start(hive, "bench")  # warm-up; also leaves the runtime record
         record = json.loads((hive.data_dir / "run" / uuid / "runtime.json").read_text())
@@ -88,9 +88,15 @@ def main() -> None:
         hive.close()
     med_ours, med_theirs = statistics.median(ours), statistics.median(theirs)
     print(f"runs: {args.runs}")
-    print(f"vmhive vm start   median {med_ours * 1000:7.1f} ms  (min {min(ours) * 1000:.1f}, max {max(ours) * 1000:.1f})")
-    print(f"QEMU by hand      median {med_theirs * 1000:7.1f} ms  (min {min(theirs) * 1000:.1f}, max {max(theirs) * 1000:.1f})")
-    print(f"overhead          median {(med_ours - med_theirs) * 1000:7.1f} ms  ratio {med_ours / med_theirs:.2f}")
+    print(
+        f"vmhive vm start   median {med_ours * 1000:7.1f} ms  (min {min(ours) * 1000:.1f}, max {max(ours) * 1000:.1f})"
+    )
+    print(
+        f"QEMU by hand      median {med_theirs * 1000:7.1f} ms  (min {min(theirs) * 1000:.1f}, max {max(theirs) * 1000:.1f})"
+    )
+    print(
+        f"overhead          median {(med_ours - med_theirs) * 1000:7.1f} ms  ratio {med_ours / med_theirs:.2f}"
+    )
 
 
 if __name__ == "__main__":

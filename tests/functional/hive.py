@@ -9,8 +9,11 @@ the daemon started is killed, whatever state the test left.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
+import pty
+import select
 import shutil
 import signal
 import socket
@@ -148,8 +151,9 @@ class Hive:
         return data
 
     def create_tiny(self, name: str, generation: int = 2, *extra: str) -> dict[str, Any]:
+        memory = "128" if generation == 1 else "256"  # OVMF needs more than 128 MiB
         self.cli(
-            "vm", "create", name, "--image", "tiny", "--memory", "128",
+            "vm", "create", name, "--image", "tiny", "--memory", memory,
             "--vcpus", "1", "--generation", str(generation), *extra,
         )  # fmt: skip
         return self.vm(name)
@@ -193,6 +197,41 @@ class Hive:
     def run_in_guest(self, name: str, command: str, timeout: float = 60) -> str:
         """Type a command on the serial console; return what it printed."""
         return asyncio.run(self._run_in_guest(name, command, timeout))
+
+    def interactive_console(
+        self, name: str, typed: bytes, expect: bytes, timeout: float = 30
+    ) -> bytes:
+        """Run `vmhive vm console NAME` on a pty, type, wait for `expect`, detach with Ctrl-]."""
+        pid, fd = pty.fork()
+        if pid == 0:  # the child: become the CLI
+            os.environ["VMHIVE_DATA_DIR"] = str(self.data_dir)
+            os.execv(VMHIVE, [VMHIVE, "vm", "console", name])
+        seen = b""
+
+        def read_some() -> bool:
+            nonlocal seen
+            ready, _, _ = select.select([fd], [], [], 0.2)
+            if ready:
+                try:
+                    seen += os.read(fd, 4096)
+                except OSError:
+                    return True
+            return False
+
+        try:
+            wait_for(lambda: b"Ctrl-]" in seen or read_some(), timeout, "the console banner")
+            os.write(fd, typed)
+            wait_for(lambda: expect in seen or read_some(), timeout, f"{expect!r} on the console")
+            os.write(fd, b"\x1d")
+            wait_for(lambda: b"Detached" in seen or read_some(), timeout, "the console to detach")
+            _, status = os.waitpid(pid, 0)
+            assert os.waitstatus_to_exitcode(status) == 0, seen
+        finally:
+            with contextlib.suppress(ProcessLookupError, ChildProcessError):
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            os.close(fd)
+        return seen
 
     def run_in_guest_nowait(self, name: str, command: str) -> None:
         """Type a command on the serial console without waiting for its output."""
@@ -241,9 +280,7 @@ class Hive:
     def close(self) -> None:
         self.stop_daemon()
         for pid in self.qemu_pids():
-            try:
+            with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
         wait_for(lambda: not self.qemu_pids(), 15, "test QEMUs to exit")
         shutil.rmtree(self.data_dir, ignore_errors=True)

@@ -32,7 +32,9 @@ def test_tcp_api_needs_the_token_and_unix_socket_is_private(hive: Hive) -> None:
     assert (hive.data_dir / "api.sock").stat().st_mode & 0o777 == 0o600
     assert hive.cli("token").out.strip() == hive.token
     # The CLI works over TCP too, with --api and the token.
-    listed = hive.cli("--api", f"http://127.0.0.1:{hive.port}", "--token", hive.token, "vm", "list", "-o", "json")
+    listed = hive.cli(
+        "--api", f"http://127.0.0.1:{hive.port}", "--token", hive.token, "vm", "list", "-o", "json"
+    )
     assert listed.json() == ok.json()
 
 
@@ -66,6 +68,7 @@ def test_create_answers_202_with_a_job_and_wait_blocks(hive: Hive) -> None:
         (["vm", "create", "ok1", "--vcpus", "0"], "vcpus must be"),
         (["vm", "create", "ok1", "--memory", "1"], "memory must be"),
         (["vm", "create", "ok1", "--memory", "99999999"], "memory must be"),
+        (["vm", "create", "ok1", "--memory", "128", "-g", "2"], "at least 192 MiB for a generation 2"),
         (["vm", "create", "ok1", "--disk-size", "lots"], "not a size"),
         (["vm", "create", "ok1", "--disk-size", "100P"], "not a size"),
         (["vm", "create", "ok1", "--disk-size", "1K"], "disk size must be"),
@@ -80,7 +83,9 @@ def test_create_answers_202_with_a_job_and_wait_blocks(hive: Hive) -> None:
         (["job", "show", "nosuchjob"], "no job with id"),
     ],
 )
-def test_bad_input_is_refused_and_changes_nothing(hive: Hive, args: list[str], message: str) -> None:
+def test_bad_input_is_refused_and_changes_nothing(
+    hive: Hive, args: list[str], message: str
+) -> None:
     before_vms = hive.cli("vm", "list", "-o", "json").json()
     before_files = snapshot_tree(hive)
     result = hive.cli(*args, check=False)

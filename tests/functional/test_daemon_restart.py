@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import sqlite3
+import subprocess
 import uuid
 from pathlib import Path
 
 import pytest
 
-from tests.functional.hive import Hive
+from tests.functional.hive import Hive, wait_for
 
 pytestmark = pytest.mark.functional
 
@@ -53,9 +56,6 @@ def test_autostart_and_stale_state_after_restart(own_hive: Hive) -> None:
     manual_pid = hive.vm("manual")["pid"]
     hive.kill_daemon()
     # While the daemon is away, the manual VM's QEMU dies.
-    import os
-    import signal
-
     os.kill(manual_pid, signal.SIGKILL)
     hive.start()
     manual = hive.wait_state("manual", "crashed")
@@ -102,3 +102,27 @@ def test_interrupted_jobs_are_failed_and_rolled_back(own_hive: Hive) -> None:
     assert not half_dir.exists()
     assert not (hive.data_dir / "vms" / doomed_uuid).exists()
     assert hive.vm("keeper")["state"] == "stopped"
+
+
+def test_unowned_qemu_in_the_run_dir_is_reported(own_hive: Hive) -> None:
+    hive = own_hive
+    hive.stop_daemon()
+    stray_dir = hive.data_dir / "run" / "stray"
+    stray_dir.mkdir(parents=True)
+    stray = subprocess.Popen(
+        [
+            "qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+            "-qmp", f"unix:{stray_dir / 'qmp.sock'},server=on,wait=off",
+        ],
+        start_new_session=True,
+    )  # fmt: skip
+    try:
+        wait_for(lambda: (stray_dir / "qmp.sock").exists(), 10, "the stray QEMU")
+        hive.start()
+        host = hive.cli("host", "info", "--output", "json").json()
+        assert [p["pid"] for p in host["unowned_qemu_processes"]] == [stray.pid]
+        assert "belongs to no VM" in hive.daemon_log()
+        assert stray.poll() is None, "an unowned QEMU is reported, never killed"
+    finally:
+        stray.kill()
+        stray.wait(10)

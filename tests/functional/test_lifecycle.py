@@ -32,6 +32,11 @@ def test_boot_console_and_graceful_stop(hive: Hive, generation: int) -> None:
     disks = hive.run_in_guest(name, "ls /sys/block")
     assert ("sda" if generation == 1 else "vda") in disks.split()
     assert hive.run_in_guest(name, "echo $((6 * 7))") == "42"
+    # The interactive console, as a person uses it: type, read, Ctrl-] to detach.
+    seen = hive.interactive_console(name, b"echo hello-$((40 + 2))\r", b"hello-42")
+    assert b"hello-42" in seen and b"Detached" in seen
+    # The guest keeps running after a detach.
+    assert hive.vm(name)["state"] == "running"
 
     stopped = hive.cli("vm", "stop", name, "--output", "json").json()
     assert stopped["state"] == "succeeded"

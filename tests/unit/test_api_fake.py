@@ -115,7 +115,9 @@ async def test_crash_is_recorded_with_reason_and_event(client: Client) -> None:
     assert vm["desired_state"] == "running"
 
 
-async def test_create_rolls_back_when_a_step_fails(client: Client, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_create_rolls_back_when_a_step_fails(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
     from vmhive.storage import qemu_img
 
     async def broken(*_args: Any, **_kw: Any) -> None:

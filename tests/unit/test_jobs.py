@@ -34,9 +34,17 @@ async def test_success_records_progress_log_and_result(runner: JobRunner) -> Non
     job_id = await runner.submit("test.ok", "t:1", work)
     await runner.wait(job_id, 5)
     job = await runner.get(job_id)
-    assert (job.state, job.progress, job.result, job.error) == ("succeeded", 100, {"answer": 42}, None)
+    assert (job.state, job.progress, job.result, job.error) == (
+        "succeeded",
+        100,
+        {"answer": 42},
+        None,
+    )
     assert job.started_at is not None and job.finished_at is not None
-    assert [(e.seq, e.message) for e in await runner.logs(job_id)] == [(1, "step one"), (2, "step two")]
+    assert [(e.seq, e.message) for e in await runner.logs(job_id)] == [
+        (1, "step one"),
+        (2, "step two"),
+    ]
 
 
 async def test_failure_rolls_back_in_reverse_order(runner: JobRunner) -> None:

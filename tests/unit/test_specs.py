@@ -28,7 +28,13 @@ def test_bad_names(name: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("512M", 512 * 1024**2), ("10G", 10 * 1024**3), ("1GiB", 1024**3), ("4096", 4096), ("2t", 2 * 1024**4)],
+    [
+        ("512M", 512 * 1024**2),
+        ("10G", 10 * 1024**3),
+        ("1GiB", 1024**3),
+        ("4096", 4096),
+        ("2t", 2 * 1024**4),
+    ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -86,11 +92,16 @@ def test_build_spec_from_stored_vm(tmp_path: Path) -> None:
         uuid="8f4c3d1e-0000-4000-8000-000000000001", name="web", generation=2, vcpus=2,
         memory_mib=256, machine="pc-q35-7.2", boot_order="cdrom,disk", kernel=None,
     )  # fmt: skip
-    vm.disks.append(Disk(index=0, path="/d/disk0.qcow2", format="qcow2", size_bytes=1, source="blank"))
+    vm.disks.append(
+        Disk(index=0, path="/d/disk0.qcow2", format="qcow2", size_bytes=1, source="blank")
+    )
     vm.cdroms.append(Cdrom(index=0, iso=None))
     vm.nics.append(Nic(index=0, mac="52:54:00:00:00:01", model=None, backend="user"))
     spec = specs.build_spec(settings, vm, "tcg")
-    assert spec.firmware is not None and spec.firmware.vars == tmp_path / "vms" / vm.uuid / "OVMF_VARS.fd"
+    assert (
+        spec.firmware is not None
+        and spec.firmware.vars == tmp_path / "vms" / vm.uuid / "OVMF_VARS.fd"
+    )
     assert spec.runtime.run_dir == tmp_path / "run" / vm.uuid
     assert spec.boot_order == (BootDevice.CDROM, BootDevice.DISK)
     assert [d.path for d in spec.disks] == [Path("/d/disk0.qcow2")]

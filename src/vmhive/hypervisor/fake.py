@@ -9,7 +9,14 @@ from __future__ import annotations
 import asyncio
 import itertools
 
-from vmhive.hypervisor.base import AdoptResult, Console, Driver, DriverError, NotRunning, ObservedState
+from vmhive.hypervisor.base import (
+    AdoptResult,
+    Console,
+    Driver,
+    DriverError,
+    NotRunning,
+    ObservedState,
+)
 from vmhive.hypervisor.spec import RuntimePaths, VmSpec
 
 

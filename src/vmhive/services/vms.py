@@ -78,9 +78,9 @@ class VmService:
     async def create(self, req: CreateVmRequest) -> str:
         """Validate, reserve the name, and submit the job that builds the VM."""
         specs.check_name(req.name)
-        specs.check_resources(req.vcpus, req.memory_mib)
         if req.generation not in (1, 2):
             raise InvalidRequest(f"generation must be 1 or 2, got {req.generation}")
+        specs.check_resources(req.vcpus, req.memory_mib, req.generation)
         if len(req.disks) + (1 if req.iso or req.cdrom else 0) > MAX_DISKS:
             raise InvalidRequest(f"at most {MAX_DISKS} disks and CD-ROMs together")
         boot_order = req.boot_order or ("cdrom,disk,network" if req.iso else "disk,cdrom,network")
@@ -232,7 +232,9 @@ class VmService:
             hardware = req.vcpus is not None or req.memory_mib is not None or req.boot_order
             if hardware and vm.state not in ("stopped", "crashed"):
                 raise Conflict(f"VM {name} must be stopped to change vCPUs, memory or boot order")
-            specs.check_resources(req.vcpus or vm.vcpus, req.memory_mib or vm.memory_mib)
+            specs.check_resources(
+                req.vcpus or vm.vcpus, req.memory_mib or vm.memory_mib, vm.generation
+            )
             if req.boot_order is not None:
                 specs.parse_boot_order(req.boot_order)
                 vm.boot_order = req.boot_order

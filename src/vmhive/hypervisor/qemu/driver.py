@@ -73,7 +73,12 @@ class QemuDriver(Driver):
         run_dir = spec.runtime.run_dir
         run_dir.mkdir(parents=True, exist_ok=True)
         runtime = spec.runtime
-        for stale in (runtime.qmp_socket, runtime.serial_socket, runtime.vnc_socket, runtime.pidfile):
+        for stale in (
+            runtime.qmp_socket,
+            runtime.serial_socket,
+            runtime.vnc_socket,
+            runtime.pidfile,
+        ):
             stale.unlink(missing_ok=True)
         # -S: vCPUs start only after the serial console is attached, so the
         # console log holds the guest's output from its very first line.
