@@ -8,7 +8,9 @@ import logging
 import os
 import secrets
 import shutil
+import signal
 import socket
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -196,6 +198,25 @@ def _tcp_listener(host: str, port: int) -> socket.socket:
     return sock
 
 
+class _Server(uvicorn.Server):
+    """uvicorn, with SIGINT/SIGTERM handled on the loop.
+
+    uvicorn's own handling re-raises the signal once serving stops, which
+    would end the process before the daemon has let go of its VMs and jobs.
+    """
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self.handle_exit, sig, None)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+
 async def serve(settings: Settings) -> None:
     daemon = Daemon(settings)
     await daemon.start()
@@ -203,7 +224,7 @@ async def serve(settings: Settings) -> None:
     sockets = [_tcp_listener(host, port), _unix_listener(settings.api_socket)]
     app = wrap(create_app(daemon), daemon.token)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio")
-    server = uvicorn.Server(config)
+    server = _Server(config)
     print(f"vmhive: serving on http://{host}:{port} and {settings.api_socket}", flush=True)
     demo: asyncio.Task[None] | None = None
     if settings.create_demo:
@@ -217,3 +238,4 @@ async def serve(settings: Settings) -> None:
                 await demo
         await daemon.stop()
         settings.api_socket.unlink(missing_ok=True)
+        print("vmhive: stopped; running VMs keep running", flush=True)

@@ -68,7 +68,10 @@ def test_create_answers_202_with_a_job_and_wait_blocks(hive: Hive) -> None:
         (["vm", "create", "ok1", "--vcpus", "0"], "vcpus must be"),
         (["vm", "create", "ok1", "--memory", "1"], "memory must be"),
         (["vm", "create", "ok1", "--memory", "99999999"], "memory must be"),
-        (["vm", "create", "ok1", "--memory", "128", "-g", "2"], "at least 192 MiB for a generation 2"),
+        (
+            ["vm", "create", "ok1", "--memory", "128", "-g", "2"],
+            "at least 192 MiB for a generation 2",
+        ),
         (["vm", "create", "ok1", "--disk-size", "lots"], "not a size"),
         (["vm", "create", "ok1", "--disk-size", "100P"], "not a size"),
         (["vm", "create", "ok1", "--disk-size", "1K"], "disk size must be"),

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -44,6 +45,7 @@ def test_boot_console_and_graceful_stop(hive: Hive, generation: int) -> None:
     assert "the guest powered off" in log, log
     vm = hive.vm(name)
     assert vm["state"] == "stopped" and vm["desired_state"] == "stopped" and vm["pid"] is None
+    assert vm["state_reason"] == "the guest powered off at the ACPI power button"
     assert not Path(f"/proc/{pid}").exists()
     hive.cli("vm", "delete", name)
 
@@ -129,4 +131,45 @@ def test_edit_while_stopped_only(hive: Hive) -> None:
     # The running QEMU got what was configured.
     argv = Path(f"/proc/{hive.vm(name)['pid']}/cmdline").read_bytes().split(b"\0")
     assert b"size=160M" in argv and b"2,sockets=1,cores=2,threads=1" in argv
+    hive.cli("vm", "delete", name, "--force")
+
+
+def test_cdrom_with_an_iso(hive: Hive, tmp_path: Path) -> None:
+    content = tmp_path / "content"
+    content.mkdir()
+    (content / "hello.txt").write_text("from the cd\n")
+    iso_dir = hive.data_dir / "iso"
+    iso_dir.mkdir(exist_ok=True)
+    iso = iso_dir / "hello.iso"
+    subprocess.run(
+        ["xorriso", "-as", "mkisofs", "-quiet", "-V", "VMHIVETEST", "-o", str(iso), str(content)],
+        check=True,
+    )
+    name = "cdreader"
+    hive.create_tiny(name, 1, "--iso", str(iso), "--boot-order", "disk,cdrom", "--start")
+    vm = hive.vm(name)
+    assert vm["cdroms"] == [{"index": 0, "iso": str(iso)}]
+    assert vm["boot_order"] == "disk,cdrom"
+    hive.wait_ready(name)
+    out = hive.run_in_guest(
+        name, "mkdir -p /tmp/cd && mount -r /dev/sr0 /tmp/cd && cat /tmp/cd/hello.txt"
+    )
+    assert out.splitlines()[-1] == "from the cd"
+    hive.cli("vm", "delete", name, "--force")
+    assert iso.exists(), "deleting a VM never deletes the ISO it used"
+
+
+def test_direct_kernel_boot(hive: Hive) -> None:
+    images = hive.image_dir
+    cmdline = "console=ttyS0,115200 root=LABEL=vmhive-root quiet vmhive.test=direct"
+    name = "kernelboot"
+    hive.create_tiny(
+        name, 2, "--kernel", str(images / "vmlinuz"), "--initrd", str(images / "initrd.img"),
+        "--cmdline", cmdline, "--start",
+    )  # fmt: skip
+    hive.wait_ready(name)
+    # OVMF's loader appends "initrd=initrd"; our command line comes first, whole.
+    assert hive.run_in_guest(name, "cat /proc/cmdline").startswith(cmdline)
+    # Gen 2 boots the kernel through OVMF.
+    assert hive.run_in_guest(name, "test -d /sys/firmware/efi && echo uefi") == "uefi"
     hive.cli("vm", "delete", name, "--force")

@@ -54,6 +54,7 @@ class _Vm:
     watcher: asyncio.Task[None] | None = None
     # Set when the exit that follows is expected (guest power-off, our quit or kill).
     shutdown_reason: str | None = None
+    acpi_requested: bool = False
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -218,9 +219,12 @@ class QemuDriver(Driver):
                 guest = bool(event.data.get("guest"))
                 cause = str(event.data.get("reason", ""))
                 if vm.shutdown_reason is None:
-                    vm.shutdown_reason = (
-                        "the guest powered itself off" if guest else f"QEMU shut down ({cause})"
-                    )
+                    if not guest:
+                        vm.shutdown_reason = f"QEMU shut down ({cause})"
+                    elif vm.acpi_requested:
+                        vm.shutdown_reason = "the guest powered off at the ACPI power button"
+                    else:
+                        vm.shutdown_reason = "the guest powered itself off"
                 await self._report(uuid, ObservedState.STOPPING, vm.shutdown_reason)
             elif event.name == "STOP":
                 await self._report(uuid, ObservedState.PAUSED, "")
@@ -245,6 +249,7 @@ class QemuDriver(Driver):
         return vm.process.pid if vm else None
 
     async def powerdown(self, vm_uuid: str) -> None:
+        self._get(vm_uuid).acpi_requested = True
         await self._command(vm_uuid, "system_powerdown")
 
     async def reset(self, vm_uuid: str) -> None:
