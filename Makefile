@@ -44,7 +44,7 @@ golden: venv
 	VMHIVE_REGENERATE_GOLDEN=1 $(BIN)/pytest -q tests/unit/test_argv.py
 
 bench: setup
-	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/python bench/start_latency.py
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/python bench/start_latency.py --runs 30
 
 clean:
 	rm -rf $(VENV) .cache .mypy_cache .ruff_cache .pytest_cache

@@ -70,18 +70,33 @@ JobFn = Callable[[JobContext], Awaitable[dict[str, Any] | None]]
 
 
 @dataclass
-class _Running:
-    task: asyncio.Task[None] | None
+class _Live:
+    """A job that has not ended: its current row and log live in memory.
+
+    The row is inserted at submission (so a daemon crash leaves a trace that
+    recovery fails), progress and log lines are flushed at most every
+    FLUSH_DELAY seconds, and the final state is written in one transaction
+    with the remaining log lines. Readers of a live job get the in-memory view.
+    """
+
+    job: Job
     done: asyncio.Event
     cancellable: bool
+    task: asyncio.Task[None] | None = None
+    logs: list[JobLog] = field(default_factory=list)
+    flushed_logs: int = 0
+    flush_handle: asyncio.TimerHandle | None = None
+    flush_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+
+FLUSH_DELAY = 0.5
 
 
 class JobRunner:
     def __init__(self, sessions: async_sessionmaker[Any]) -> None:
         self._sessions = sessions
         self._locks: dict[str, asyncio.Lock] = {}
-        self._live: dict[str, _Running] = {}
-        self._log_seq: dict[str, int] = {}
+        self._live: dict[str, _Live] = {}
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
 
     # -- submission -------------------------------------------------------
@@ -96,53 +111,58 @@ class JobRunner:
         cancellable: bool = False,
     ) -> str:
         job_id = str(uuid.uuid4())
+        job = Job(
+            id=job_id,
+            kind=kind,
+            target=target,
+            state=QUEUED,
+            progress=0,
+            params=params or {},
+            created_at=utcnow(),
+        )
         async with self._sessions() as session:
-            session.add(Job(id=job_id, kind=kind, target=target, params=params or {}))
+            session.add(job)
             await session.commit()
-        running = _Running(task=None, done=asyncio.Event(), cancellable=cancellable)
-        self._live[job_id] = running
-        running.task = asyncio.create_task(self._run(job_id, target, fn), name=f"job-{kind}")
+        live = _Live(job=job, done=asyncio.Event(), cancellable=cancellable)
+        self._live[job_id] = live
+        live.task = asyncio.create_task(self._run(live, fn), name=f"job-{kind}")
         self._notify(job_id)
         return job_id
 
-    async def _run(self, job_id: str, target: str | None, fn: JobFn) -> None:
-        running = self._live[job_id]
-        lock = self._locks.setdefault(target, asyncio.Lock()) if target else None
-        ctx = JobContext(job_id, self)
+    async def _run(self, live: _Live, fn: JobFn) -> None:
+        job = live.job
+        lock = self._locks.setdefault(job.target, asyncio.Lock()) if job.target else None
+        ctx = JobContext(job.id, self)
+        final: dict[str, Any]
         try:
             if lock is not None:
                 await lock.acquire()
             try:
-                await self._set(job_id, state=RUNNING, started_at=utcnow())
+                self._update(live, state=RUNNING, started_at=utcnow())
                 result = await fn(ctx)
-                await self._set(
-                    job_id, state=SUCCEEDED, progress=100, result=result, finished_at=utcnow()
-                )
+                final = {"state": SUCCEEDED, "progress": 100, "result": result}
             except asyncio.CancelledError:
                 await self._rollback(ctx)
-                await self._set(
-                    job_id, state=CANCELLED, error="cancelled by the user", finished_at=utcnow()
-                )
+                final = {"state": CANCELLED, "error": "cancelled by the user"}
             except Exception as exc:
                 message = str(exc) if isinstance(exc, JobError) else f"{type(exc).__name__}: {exc}"
                 if not isinstance(exc, JobError):
-                    log.exception("job %s failed", job_id)
-                await self.append_log(job_id, f"error: {message}")
+                    log.exception("job %s failed", job.id)
+                await self.append_log(job.id, f"error: {message}")
                 await self._rollback(ctx)
-                await self._set(job_id, state=FAILED, error=message, finished_at=utcnow())
+                final = {"state": FAILED, "error": message}
             finally:
                 if lock is not None:
                     lock.release()
         except asyncio.CancelledError:
-            # Cancelled while still queued for the lock.
-            await self._set(
-                job_id, state=CANCELLED, error="cancelled before it started", finished_at=utcnow()
-            )
+            final = {"state": CANCELLED, "error": "cancelled before it started"}
+        try:
+            self._update(live, finished_at=utcnow(), **final)
+            await asyncio.shield(self._flush(live))
         finally:
-            running.done.set()
-            self._live.pop(job_id, None)
-            self._log_seq.pop(job_id, None)
-            self._notify(job_id)
+            self._live.pop(job.id, None)
+            live.done.set()
+            self._notify(job.id)
 
     async def _rollback(self, ctx: JobContext) -> None:
         for description, step in reversed(ctx.rollback_steps):
@@ -157,13 +177,16 @@ class JobRunner:
     # -- observation ------------------------------------------------------
 
     async def wait(self, job_id: str, timeout: float | None = None) -> None:
-        running = self._live.get(job_id)
-        if running is None:
+        live = self._live.get(job_id)
+        if live is None:
             await self.get(job_id)  # raises JobNotFound for unknown ids
             return
-        await asyncio.wait_for(running.done.wait(), timeout)
+        await asyncio.wait_for(live.done.wait(), timeout)
 
     async def get(self, job_id: str) -> Job:
+        live = self._live.get(job_id)
+        if live is not None:
+            return live.job
         async with self._sessions() as session:
             job = await session.get(Job, job_id)
             if job is None:
@@ -171,6 +194,9 @@ class JobRunner:
             return job
 
     async def logs(self, job_id: str) -> list[JobLog]:
+        live = self._live.get(job_id)
+        if live is not None:
+            return list(live.logs)
         async with self._sessions() as session:
             rows = await session.scalars(
                 select(JobLog).where(JobLog.job_id == job_id).order_by(JobLog.seq)
@@ -199,15 +225,14 @@ class JobRunner:
 
     async def cancel(self, job_id: str) -> bool:
         """Cancel a queued job, or a running one whose operation allows it."""
-        running = self._live.get(job_id)
-        if running is None or running.task is None:
+        live = self._live.get(job_id)
+        if live is None or live.task is None:
             await self.get(job_id)
             return False
-        job = await self.get(job_id)
-        if job.state == RUNNING and not running.cancellable:
+        if live.job.state == RUNNING and not live.cancellable:
             return False
-        running.task.cancel()
-        await asyncio.shield(running.done.wait())
+        live.task.cancel()
+        await asyncio.shield(live.done.wait())
         return True
 
     async def recover(self) -> list[Job]:
@@ -222,7 +247,7 @@ class JobRunner:
         return rows
 
     async def shutdown(self) -> None:
-        tasks = [r.task for r in self._live.values() if r.task is not None]
+        tasks = [live.task for live in self._live.values() if live.task is not None]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -230,18 +255,52 @@ class JobRunner:
     # -- persistence ------------------------------------------------------
 
     async def append_log(self, job_id: str, message: str) -> None:
-        seq = self._log_seq.get(job_id, 0) + 1
-        self._log_seq[job_id] = seq
-        async with self._sessions() as session:
-            session.add(JobLog(job_id=job_id, seq=seq, message=message))
-            await session.commit()
+        live = self._live[job_id]
+        live.logs.append(
+            JobLog(job_id=job_id, seq=len(live.logs) + 1, at=utcnow(), message=message)
+        )
+        self._schedule_flush(live)
         self._notify(job_id)
 
     async def set_progress(self, job_id: str, percent: int) -> None:
-        await self._set(job_id, progress=max(0, min(100, int(percent))))
+        live = self._live[job_id]
+        self._update(live, progress=max(0, min(100, int(percent))))
+        self._schedule_flush(live)
 
-    async def _set(self, job_id: str, **values: Any) -> None:
-        async with self._sessions() as session:
-            await session.execute(update(Job).where(Job.id == job_id).values(**values))
-            await session.commit()
-        self._notify(job_id)
+    def _update(self, live: _Live, **values: Any) -> None:
+        for key, value in values.items():
+            setattr(live.job, key, value)
+        self._notify(live.job.id)
+
+    def _schedule_flush(self, live: _Live) -> None:
+        if live.flush_handle is None:
+            loop = asyncio.get_running_loop()
+            live.flush_handle = loop.call_later(
+                FLUSH_DELAY, lambda: asyncio.ensure_future(self._flush(live))
+            )
+
+    async def _flush(self, live: _Live) -> None:
+        """Write the job's row and any new log lines in one transaction."""
+        if live.flush_handle is not None:
+            live.flush_handle.cancel()
+            live.flush_handle = None
+        # Serialized, and the values are read under the lock: a slow earlier
+        # flush can never overwrite a later state.
+        async with live.flush_lock:
+            job = live.job
+            fresh = live.logs[live.flushed_logs :]
+            live.flushed_logs = len(live.logs)
+            values = {
+                "state": job.state,
+                "progress": job.progress,
+                "error": job.error,
+                "result": job.result,
+                "started_at": job.started_at,
+                "finished_at": job.finished_at,
+            }
+            async with self._sessions() as session:
+                await session.execute(update(Job).where(Job.id == job.id).values(**values))
+                session.add_all(
+                    JobLog(job_id=e.job_id, seq=e.seq, at=e.at, message=e.message) for e in fresh
+                )
+                await session.commit()

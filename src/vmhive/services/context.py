@@ -5,8 +5,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import ColumnElement, select, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
+from sqlalchemy.orm import joinedload
 
 from vmhive.config import Settings
 from vmhive.hypervisor.base import Driver
@@ -25,7 +26,7 @@ class ServiceContext:
     host: HostInfo
 
     async def find_vm(self, session: AsyncSession, name: str) -> Vm:
-        vm = await session.scalar(select(Vm).where(Vm.name == name))
+        vm = await _one_vm(session, Vm.name == name)
         if vm is None or vm.state == "deleting":
             raise NotFound(f"no VM named {name!r}")
         return vm
@@ -36,7 +37,7 @@ class ServiceContext:
 
     async def load_vm_by_uuid(self, vm_uuid: str) -> Vm | None:
         async with self.sessions() as session:
-            return await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+            return await _one_vm(session, Vm.uuid == vm_uuid)
 
     async def record_state(
         self,
@@ -53,20 +54,36 @@ class ServiceContext:
         `pid=False` leaves the stored PID as it is; None clears it.
         """
         async with self.sessions() as session:
-            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
-            if vm is None:
-                return
-            changed = vm.state != state
-            vm.state = state
-            vm.state_reason = reason
-            vm.updated_at = utcnow()
+            # Core statements only: this runs on every state change, keep it cheap.
+            values: dict[str, Any] = {"state_reason": reason, "updated_at": utcnow()}
             if desired is not None:
-                vm.desired_state = desired
+                values["desired_state"] = desired
             if pid is not False:
-                vm.pid = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
+                values["pid"] = pid if isinstance(pid, int) and not isinstance(pid, bool) else None
             if accel is not None:
-                vm.accel = accel
-            if changed:
-                message = f"{vm.name}: {state}" + (f" ({reason})" if reason else "")
+                values["accel"] = accel
+            # Only a real change of state returns a row, and gets an event.
+            changed = (
+                await session.execute(
+                    update(Vm)
+                    .where(Vm.uuid == vm_uuid, Vm.state != state)
+                    .values(state=state, **values)
+                    .returning(Vm.name)
+                )
+            ).one_or_none()
+            if changed is None:
+                await session.execute(update(Vm).where(Vm.uuid == vm_uuid).values(**values))
+            else:
+                message = f"{changed.name}: {state}" + (f" ({reason})" if reason else "")
                 session.add(Event(vm_uuid=vm_uuid, kind="state", message=message))
             await session.commit()
+
+
+async def _one_vm(session: AsyncSession, where: ColumnElement[bool]) -> Vm | None:
+    """One VM with its devices, in a single query."""
+    query = (
+        select(Vm)
+        .where(where)
+        .options(joinedload(Vm.disks), joinedload(Vm.cdroms), joinedload(Vm.nics))
+    )
+    return (await session.execute(query)).unique().scalar_one_or_none()

@@ -7,6 +7,7 @@ job lock, since the state may have moved while the job waited its turn.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -29,22 +30,26 @@ class Lifecycle:
         name: str,
         kind: str,
         check: Callable[[Vm], None],
-        body: Callable[[JobContext, str], Awaitable[None]],
+        body: Callable[[JobContext, Vm], Awaitable[None]],
         **params: Any,
     ) -> str:
         vm = await self.ctx.load_vm(name)
         check(vm)
         vm_uuid = vm.uuid
+        target = f"vm:{vm_uuid}"
+        # A job that will not wait for the VM's lock can use what we just read;
+        # one that queues behind another must read the VM again when its turn comes.
+        fresh = None if self.ctx.runner.busy(target) else vm
 
         async def job(ctx: JobContext) -> dict[str, Any]:
-            current = await self.ctx.load_vm_by_uuid(vm_uuid)
+            current = fresh or await self.ctx.load_vm_by_uuid(vm_uuid)
             if current is None:
                 raise JobError(f"VM {name} no longer exists")
             try:
                 check(current)
             except Conflict as exc:
                 raise JobError(str(exc)) from None
-            await body(ctx, vm_uuid)
+            await body(ctx, current)
             return {"vm": name}
 
         return await self.ctx.runner.submit(
@@ -69,10 +74,13 @@ class Lifecycle:
     # -- start ----------------------------------------------------------------------
 
     async def start(self, name: str) -> str:
-        return await self._submit(name, "vm.start", self._must_be_stopped, self.do_start)
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            await self.do_start(ctx, vm.uuid, vm)
 
-    async def do_start(self, ctx: JobContext, vm_uuid: str) -> None:
-        vm = await self.ctx.load_vm_by_uuid(vm_uuid)
+        return await self._submit(name, "vm.start", self._must_be_stopped, body)
+
+    async def do_start(self, ctx: JobContext, vm_uuid: str, vm: Vm | None = None) -> None:
+        vm = vm or await self.ctx.load_vm_by_uuid(vm_uuid)
         if vm is None:
             raise JobError("the VM no longer exists")
         if vm.generation == 2 and vm.state != "creating":
@@ -81,13 +89,16 @@ class Lifecycle:
                 raise JobError(f"the VM's UEFI variables file {vars_file} is missing")
         accel = self.ctx.host.accel.accel
         spec = specs.build_spec(self.ctx.settings, vm, accel)
-        previous = vm.state
-        await self.ctx.record_state(vm_uuid, "starting", "", desired="running")
+        previous, previous_reason = vm.state, vm.state_reason
+        # Recorded while QEMU launches: the write overlaps QEMU's own start-up.
+        starting = asyncio.create_task(
+            self.ctx.record_state(vm_uuid, "starting", "", desired="running")
+        )
 
         async def undo() -> None:
             await self.ctx.driver.kill(vm_uuid)
             await self.ctx.record_state(
-                vm_uuid, previous, vm.state_reason, desired="stopped", pid=None
+                vm_uuid, previous, previous_reason, desired="stopped", pid=None
             )
 
         ctx.on_rollback("put the VM back as it was", undo)
@@ -98,6 +109,8 @@ class Lifecycle:
             pid = await self.ctx.driver.start(spec)
         except DriverError as exc:
             raise JobError(str(exc)) from exc
+        finally:
+            await starting
         await self.ctx.record_state(vm_uuid, ObservedState.RUNNING, "", pid=pid, accel=accel)
         await ctx.log(f"QEMU runs as PID {pid}")
         ctx.commit()
@@ -107,7 +120,8 @@ class Lifecycle:
     async def stop(self, name: str, timeout: float | None = None) -> str:
         grace = self.ctx.settings.stop_timeout if timeout is None else timeout
 
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.record_state(
                 vm_uuid, "stopping", "ACPI power-off requested", desired="stopped"
             )
@@ -125,7 +139,8 @@ class Lifecycle:
         return await self._submit(name, "vm.stop", self._must_be_active, body, timeout=grace)
 
     async def force_stop(self, name: str) -> str:
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.record_state(vm_uuid, "stopping", "forced off", desired="stopped")
             await self.ctx.driver.kill(vm_uuid)
             await ctx.log("forced off")
@@ -136,7 +151,8 @@ class Lifecycle:
         """A clean power cycle: ACPI power-off (forced after the timeout), then start."""
         grace = self.ctx.settings.stop_timeout if timeout is None else timeout
 
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.driver.powerdown(vm_uuid)
             if not await self.ctx.driver.wait_stopped(vm_uuid, grace):
                 await ctx.log("the guest did not power off in time; forcing off")
@@ -147,7 +163,8 @@ class Lifecycle:
         return await self._submit(name, "vm.reboot", self._must_be_active, body, timeout=grace)
 
     async def reset(self, name: str) -> str:
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.driver.reset(vm_uuid)
             await ctx.log("hard reset")
 
@@ -159,7 +176,8 @@ class Lifecycle:
             if vm.state == "paused":
                 raise Conflict(f"VM {vm.name} is already paused")
 
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.driver.pause(vm_uuid)
             await self.ctx.record_state(vm_uuid, "paused", "paused by the user")
 
@@ -171,7 +189,8 @@ class Lifecycle:
             if vm.state != "paused":
                 raise Conflict(f"VM {vm.name} is not paused (it is {vm.state})")
 
-        async def body(ctx: JobContext, vm_uuid: str) -> None:
+        async def body(ctx: JobContext, vm: Vm) -> None:
+            vm_uuid = vm.uuid
             await self.ctx.driver.resume(vm_uuid)
             await self.ctx.record_state(vm_uuid, "running", "")
 

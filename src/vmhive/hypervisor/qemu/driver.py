@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 QMP_READY_DEADLINE = 15.0
 KILL_DEADLINE = 10.0
 SERIAL_LOG = "serial.log"
+EVENT_DRAIN_DEADLINE = 2.0
 
 
 @dataclass
@@ -188,6 +189,10 @@ class QemuDriver(Driver):
         events = asyncio.create_task(self._pump_events(vm))
         try:
             await vm.process.exited.wait()
+            # Let the pump report the events QEMU sent before it exited; it
+            # ends by itself once the closed monitor's queue is drained.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(events), EVENT_DRAIN_DEADLINE)
         finally:
             events.cancel()
             with contextlib.suppress(asyncio.CancelledError):
