@@ -68,7 +68,12 @@ class Daemon:
         self.engine = db.make_engine(settings.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
         self.runner = JobRunner(self.sessions)
+        # The probe boots the tiny image's kernel: from the image store, or on
+        # the very first start from the prebuilt seed it will be copied from.
         tiny_dir = settings.images
+        seed = os.environ.get("VMHIVE_IMAGE_SEED")
+        if not (tiny_dir / tiny.KERNEL_NAME).exists() and seed:
+            tiny_dir = Path(seed)
         verdict = await asyncio.to_thread(
             choose_accel,
             settings.accel,

@@ -332,12 +332,6 @@ def _power(
         out.print(f"{name}: {vm['state']}")
 
 
-@vm_app.command("start")
-def vm_start(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Start a VM."""
-    _power(name, "start", output, wait)
-
-
 @vm_app.command("stop")
 def vm_stop(
     name: str,
@@ -349,34 +343,26 @@ def vm_stop(
     _power(name, "stop", output, wait, {"timeout": timeout} if timeout is not None else None)
 
 
-@vm_app.command("force-stop")
-def vm_force_stop(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Turn a VM off at once."""
-    _power(name, "force-stop", output, wait)
+SIMPLE_POWER_ACTIONS = {
+    "start": "Start a VM.",
+    "force-stop": "Turn a VM off at once.",
+    "reboot": "Power-cycle a VM cleanly (ACPI off, then start).",
+    "reset": "Hard-reset a VM.",
+    "pause": "Pause a VM's vCPUs.",
+    "resume": "Resume a paused VM.",
+}
 
 
-@vm_app.command("reboot")
-def vm_reboot(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Power-cycle a VM cleanly (ACPI off, then start)."""
-    _power(name, "reboot", output, wait)
+def _register_power_action(action: str, help_text: str) -> None:
+    def command(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+        _power(name, action, output, wait)
+
+    command.__doc__ = help_text
+    vm_app.command(action)(command)
 
 
-@vm_app.command("reset")
-def vm_reset(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Hard-reset a VM."""
-    _power(name, "reset", output, wait)
-
-
-@vm_app.command("pause")
-def vm_pause(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Pause a VM's vCPUs."""
-    _power(name, "pause", output, wait)
-
-
-@vm_app.command("resume")
-def vm_resume(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Resume a paused VM."""
-    _power(name, "resume", output, wait)
+for _action, _help in SIMPLE_POWER_ACTIONS.items():
+    _register_power_action(_action, _help)
 
 
 @vm_app.command("delete")

@@ -45,13 +45,31 @@ class AdoptResult:
 
 
 class Console(ABC):
-    """A VM's live serial console as the API layer sees it."""
+    """A VM's live serial console as the API layer sees it: output fans out to
+    every subscriber, with a cap per subscriber so a stalled viewer cannot
+    grow the daemon's memory."""
 
-    @abstractmethod
-    def subscribe(self) -> asyncio.Queue[bytes | None]: ...
+    MAX_QUEUED_CHUNKS = 1000
 
-    @abstractmethod
-    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None: ...
+    def __init__(self) -> None:
+        self._subscribers: set[asyncio.Queue[bytes | None]] = set()
+
+    def subscribe(self) -> asyncio.Queue[bytes | None]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
+        self._subscribers.add(queue)
+        return queue
+
+    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None:
+        self._subscribers.discard(queue)
+
+    def _broadcast(self, chunk: bytes) -> None:
+        for queue in list(self._subscribers):
+            if queue.qsize() < self.MAX_QUEUED_CHUNKS:
+                queue.put_nowait(chunk)
+
+    def _hang_up(self) -> None:
+        for queue in list(self._subscribers):
+            queue.put_nowait(None)
 
     @abstractmethod
     async def write(self, data: bytes) -> None: ...

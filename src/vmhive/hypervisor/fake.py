@@ -22,21 +22,12 @@ from vmhive.hypervisor.spec import RuntimePaths, VmSpec
 
 class FakeConsole(Console):
     def __init__(self) -> None:
+        super().__init__()
         self.written = bytearray()
-        self._subscribers: set[asyncio.Queue[bytes | None]] = set()
-
-    def subscribe(self) -> asyncio.Queue[bytes | None]:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None:
-        self._subscribers.discard(queue)
 
     async def write(self, data: bytes) -> None:
         self.written += data
-        for queue in self._subscribers:
-            queue.put_nowait(data)  # echo, as a terminal would
+        self._broadcast(data)  # echo, as a terminal would
 
 
 class FakeDriver(Driver):

@@ -20,12 +20,12 @@ log = logging.getLogger(__name__)
 
 class SerialConsole(Console):
     def __init__(self, socket_path: Path, log_path: Path, max_log_bytes: int) -> None:
+        super().__init__()
         self.socket_path = socket_path
         self.log_path = log_path
         self.max_log_bytes = max_log_bytes
         self._writer: asyncio.StreamWriter | None = None
         self._reader_task: asyncio.Task[None] | None = None
-        self._subscribers: set[asyncio.Queue[bytes | None]] = set()
         self._log_size = log_path.stat().st_size if log_path.exists() else 0
 
     async def connect(self, timeout: float = 5.0) -> None:
@@ -39,14 +39,11 @@ class SerialConsole(Console):
         try:
             while chunk := await reader.read(65536):
                 self._append_log(chunk)
-                for queue in list(self._subscribers):
-                    if queue.qsize() < 1000:  # a stalled viewer must not grow memory
-                        queue.put_nowait(chunk)
+                self._broadcast(chunk)
         except (ConnectionError, OSError) as exc:
             log.debug("serial connection %s closed: %s", self.socket_path, exc)
         finally:
-            for queue in list(self._subscribers):
-                queue.put_nowait(None)
+            self._hang_up()
 
     def _append_log(self, chunk: bytes) -> None:
         with self.log_path.open("ab") as f:
@@ -65,14 +62,6 @@ class SerialConsole(Console):
             return self.log_path.read_bytes()
         except FileNotFoundError:
             return b""
-
-    def subscribe(self) -> asyncio.Queue[bytes | None]:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue()
-        self._subscribers.add(queue)
-        return queue
-
-    def unsubscribe(self, queue: asyncio.Queue[bytes | None]) -> None:
-        self._subscribers.discard(queue)
 
     async def write(self, data: bytes) -> None:
         if self._writer is None or self._writer.is_closing():
