@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from tests.functional.hive import Hive
 
-from vmhive.hypervisor.qemu.qmp import QmpMonitor
+from vmhive.hypervisor.qemu.qmp import MonitorError, QmpMonitor
 
 
 def vmhive_start(client: httpx.Client, name: str) -> float:
@@ -53,8 +53,14 @@ async def by_hand(argv: list[str], run_dir: Path) -> float:
     )  # fmt: skip
     while not qmp.exists():
         await asyncio.sleep(0.002)
-    monitor = QmpMonitor("bench")
-    await monitor.connect(qmp)
+    while True:  # QEMU binds the socket before it listens: retry a refused connect
+        monitor = QmpMonitor("bench")
+        try:
+            await monitor.connect(qmp)
+            break
+        except MonitorError:
+            await monitor.close()
+            await asyncio.sleep(0.002)
     await monitor.cont()
     status = await monitor.query_status()
     elapsed = time.perf_counter() - began

@@ -142,3 +142,33 @@ def test_images_listed(hive: Hive) -> None:
     images = hive.cli("image", "list", "--output", "json").json()
     tiny = next(i for i in images if i["name"] == "tiny")
     assert tiny["format"] == "qcow2" and tiny["virtual_size"] > tiny["actual_size"] > 0
+
+
+def test_job_commands_wait_and_cancel(hive: Hive) -> None:
+    """A queued job can be cancelled; `job wait` follows another to its end."""
+    hive.cli("vm", "create", "queue", "-g", "1", "--memory", "64", "--disk-size", "16M", "--start")
+    # No OS on the blank disk ignores the power button: the stop runs 3 s, then forces.
+    stop = hive.cli("vm", "stop", "queue", "--timeout", "3", "--no-wait", "-o", "json").json()
+    pause = hive.cli("vm", "pause", "queue", "--no-wait", "-o", "json").json()
+    assert pause["state"] == "queued"
+    cancelled = hive.cli("job", "cancel", pause["id"], "-o", "json").json()
+    assert cancelled["state"] == "cancelled"
+    again = hive.cli("job", "cancel", pause["id"], check=False)
+    assert again.rc == 1 and "already ended" in again.err
+    running = hive.cli("job", "cancel", stop["id"], check=False)
+    assert running.rc == 1 and "cannot be cancelled once running" in running.err
+    waited = hive.cli("job", "wait", stop["id"], "-o", "json").json()
+    assert waited["state"] == "succeeded"
+    assert "forcing off" in " ".join(line["message"] for line in waited["log"])
+    assert hive.vm("queue")["state"] == "stopped"
+    jobs = hive.cli("job", "list", "-o", "json").json()
+    assert {stop["id"], pause["id"]} <= {job["id"] for job in jobs}
+    hive.cli("vm", "delete", "queue")
+
+
+def test_build_tiny_through_the_daemon_reuses_the_cached_image(hive: Hive) -> None:
+    image = hive.image_dir / "tiny.qcow2"
+    before = image.stat().st_mtime_ns
+    result = hive.cli("image", "build-tiny")
+    assert "image tiny ready" in result.out
+    assert image.stat().st_mtime_ns == before, "a current image is not rebuilt"

@@ -91,8 +91,7 @@ class QemuDriver(Driver):
             raise DriverError(str(exc)) from exc
         try:
             await self._wait_for_socket(spec, process)
-            monitor = QmpMonitor(spec.name)
-            await monitor.connect(spec.runtime.qmp_socket)
+            monitor = await self._connect_monitor(spec, process)
             serial = self._serial(spec)
             await serial.connect()
             RuntimeRecord(
@@ -127,6 +126,25 @@ class QemuDriver(Driver):
             # QEMU creates the socket during start-up, a few ms in; poll finely.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.exited.wait(), 0.002)
+
+    async def _connect_monitor(self, spec: VmSpec, process: QemuProcess) -> QmpMonitor:
+        """Connect to a fresh QEMU's monitor.
+
+        QEMU binds the socket file before it listens on it, so a connect in
+        between is refused: retry until the deadline, as long as QEMU lives.
+        """
+        deadline = time.monotonic() + QMP_READY_DEADLINE
+        while True:
+            monitor = QmpMonitor(spec.name)
+            try:
+                await monitor.connect(spec.runtime.qmp_socket)
+                return monitor
+            except MonitorError:
+                await monitor.close()
+                if process.exited.is_set() or time.monotonic() > deadline:
+                    raise
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(process.exited.wait(), 0.005)
 
     def _serial(self, spec: VmSpec) -> SerialConsole:
         return SerialConsole(
