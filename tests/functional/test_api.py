@@ -172,3 +172,45 @@ def test_build_tiny_through_the_daemon_reuses_the_cached_image(hive: Hive) -> No
     result = hive.cli("image", "build-tiny")
     assert "image tiny ready" in result.out
     assert image.stat().st_mtime_ns == before, "a current image is not rebuilt"
+
+
+def test_disk_sources_overlay_copy_and_blank(hive: Hive) -> None:
+    import json
+    import subprocess
+
+    def backing(path: str) -> str | None:
+        out = subprocess.run(
+            ["qemu-img", "info", "--output=json", "-U", path], capture_output=True, check=True
+        )
+        value: str | None = json.loads(out.stdout).get("backing-filename")
+        return value
+
+    job = hive.cli(
+        "vm",
+        "create",
+        "copied",
+        "-g",
+        "1",
+        "--memory",
+        "64",
+        "--image",
+        "tiny",
+        "--full-copy",
+        "-o",
+        "json",
+    ).json()
+    assert job["state"] == "succeeded" and any(
+        "full copy" in line["message"] for line in job["log"]
+    )
+    overlay = hive.create_tiny("layered", 1, "--disk-size", "512M")
+    copied = hive.vm("copied")
+    assert copied["disks"][0]["source"] == "copy" and backing(copied["disks"][0]["path"]) is None
+    assert overlay["disks"][0]["source"] == "overlay"
+    assert backing(overlay["disks"][0]["path"]) == str(hive.image_dir / "tiny.qcow2")
+    assert overlay["disks"][0]["size_bytes"] == 512 * 1024**2
+    too_small = hive.cli(
+        "vm", "create", "shrunk", "--image", "tiny", "--disk-size", "16M", check=False
+    )
+    assert too_small.rc == 1 and "smaller than image" in too_small.err
+    hive.cli("vm", "delete", "copied")
+    hive.cli("vm", "delete", "layered")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -126,3 +127,34 @@ def test_unowned_qemu_in_the_run_dir_is_reported(own_hive: Hive) -> None:
     finally:
         stray.kill()
         stray.wait(10)
+
+
+def test_a_start_interrupted_before_the_guest_ran_is_rolled_back(own_hive: Hive) -> None:
+    """The daemon dies after launching QEMU (-S) but before `cont`."""
+    hive = own_hive
+    hive.create_tiny("halfway", 1, "--start")
+    vm = hive.vm("halfway")
+    run_dir = hive.data_dir / "run" / vm["uuid"]
+    record = json.loads((run_dir / "runtime.json").read_text())
+    assert record["argv"][-1] == "-S"
+    hive.cli("vm", "force-stop", "halfway")
+    hive.stop_daemon()
+
+    for stale in ("qmp.sock", "serial.sock", "vnc.sock"):
+        (run_dir / stale).unlink(missing_ok=True)
+    qemu = subprocess.Popen(record["argv"], start_new_session=True, stderr=subprocess.DEVNULL)
+    wait_for(lambda: (run_dir / "qmp.sock").exists(), 10, "QEMU's monitor socket")
+    (run_dir / "runtime.json").write_text(json.dumps({**record, "pid": qemu.pid}))
+    db = sqlite3.connect(hive.data_dir / "vmhive.db")
+    with db:
+        db.execute("UPDATE vms SET state='starting', desired_state='running' WHERE name='halfway'")
+    db.close()
+
+    hive.start()
+    vm = hive.vm("halfway")
+    assert vm["state"] == "stopped" and vm["pid"] is None, vm
+    assert vm["state_reason"] == "an interrupted start was rolled back"
+    assert qemu.wait(15) is not None, "the never-started QEMU is gone"
+    # And it starts normally afterwards.
+    hive.cli("vm", "start", "halfway")
+    assert hive.vm("halfway")["state"] == "running"

@@ -184,8 +184,14 @@ class QemuDriver(Driver):
             raise DriverError(f"cannot re-attach to {spec.name} (PID {record.pid}): {exc}") from exc
         vm = _Vm(spec, process, monitor, serial)
         self._vms[spec.uuid] = vm
-        state = await self._query_state(vm)
         vm.watcher = asyncio.create_task(self._watch(vm), name=f"watch-{spec.name}")
+        if (await vm.monitor.query_status()).status == "prelaunch":
+            # Started with -S and never continued: the daemon died inside a
+            # start. The guest never ran, so finishing the rollback loses nothing.
+            vm.shutdown_reason = "an interrupted start was rolled back"
+            await self.kill(spec.uuid)
+            return AdoptResult(False, ObservedState.STOPPED, vm.shutdown_reason)
+        state = await self._query_state(vm)
         return AdoptResult(True, state, "re-adopted", record.pid)
 
     # -- watching -----------------------------------------------------------
