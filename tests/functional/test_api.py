@@ -147,16 +147,16 @@ def test_images_listed(hive: Hive) -> None:
 def test_job_commands_wait_and_cancel(hive: Hive) -> None:
     """A queued job can be cancelled; `job wait` follows another to its end."""
     hive.cli("vm", "create", "queue", "-g", "1", "--memory", "64", "--disk-size", "16M", "--start")
-    # No OS on the blank disk ignores the power button: the stop runs 3 s, then forces.
-    stop = hive.cli("vm", "stop", "queue", "--timeout", "3", "--no-wait", "-o", "json").json()
+    # No OS on the blank disk ignores the power button: the stop runs 10 s, then forces.
+    stop = hive.cli("vm", "stop", "queue", "--timeout", "10", "--no-wait", "-o", "json").json()
     pause = hive.cli("vm", "pause", "queue", "--no-wait", "-o", "json").json()
     assert pause["state"] == "queued"
+    running = hive.cli("job", "cancel", stop["id"], check=False)
+    assert running.rc == 1 and "cannot be cancelled once running" in running.err
     cancelled = hive.cli("job", "cancel", pause["id"], "-o", "json").json()
     assert cancelled["state"] == "cancelled"
     again = hive.cli("job", "cancel", pause["id"], check=False)
     assert again.rc == 1 and "already ended" in again.err
-    running = hive.cli("job", "cancel", stop["id"], check=False)
-    assert running.rc == 1 and "cannot be cancelled once running" in running.err
     waited = hive.cli("job", "wait", stop["id"], "-o", "json").json()
     assert waited["state"] == "succeeded"
     assert "forcing off" in " ".join(line["message"] for line in waited["log"])
@@ -214,3 +214,16 @@ def test_disk_sources_overlay_copy_and_blank(hive: Hive) -> None:
     assert too_small.rc == 1 and "smaller than image" in too_small.err
     hive.cli("vm", "delete", "copied")
     hive.cli("vm", "delete", "layered")
+
+
+def test_a_failed_start_says_why_and_leaves_the_vm_stopped(hive: Hive) -> None:
+    hive.cli("vm", "create", "brokendisk", "-g", "1", "--memory", "64", "--disk-size", "16M")
+    vm = hive.vm("brokendisk")
+    Path(vm["disks"][0]["path"]).unlink()
+    failed = hive.cli("vm", "start", "brokendisk", check=False)
+    assert failed.rc == 1 and failed.err.count("\n") == 1
+    assert "QEMU did not start" in failed.err and "disk0.qcow2" in failed.err
+    vm = hive.vm("brokendisk")
+    assert (vm["state"], vm["desired_state"], vm["pid"]) == ("stopped", "stopped", None)
+    assert hive.qemu_pids() == []
+    hive.cli("vm", "delete", "brokendisk")

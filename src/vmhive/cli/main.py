@@ -11,7 +11,7 @@ from typing import Annotated, Any
 import typer
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn
-from rich.table import Table
+from rich.table import Column, Table
 
 from vmhive.cli.client import Api, ApiTarget, CliError
 from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
@@ -465,7 +465,16 @@ def job_list(output: OutputOpt = Output.table, limit: int = 20) -> None:
     if output == Output.json:
         print_json(jobs)
         return
-    table = Table("id", "kind", "target", "state", "progress", "created", "error")
+    # The id is what `job show/wait/cancel` take: never shorten it.
+    table = Table(
+        Column("id", no_wrap=True, min_width=36),
+        "kind",
+        "target",
+        "state",
+        "progress",
+        "created",
+        "error",
+    )
     for j in jobs:
         table.add_row(
             j["id"],

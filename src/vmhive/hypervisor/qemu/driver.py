@@ -89,10 +89,10 @@ class QemuDriver(Driver):
             process = launch(argv, run_dir, spec.runtime.log_file)
         except LaunchError as exc:
             raise DriverError(str(exc)) from exc
+        monitor: QmpMonitor | None = None
+        serial = self._serial(spec)
         try:
-            await self._wait_for_socket(spec, process)
             monitor = await self._connect_monitor(spec, process)
-            serial = self._serial(spec)
             await serial.connect()
             RuntimeRecord(
                 vm_uuid=spec.uuid,
@@ -109,42 +109,46 @@ class QemuDriver(Driver):
             self._vms.pop(spec.uuid, None)
             process.send_signal(signal.SIGKILL)
             await process.wait(KILL_DEADLINE)
-            detail = tail(spec.runtime.log_file, 600).strip()
+            await serial.close()
+            if monitor is not None:
+                await monitor.close()
+            detail = " ".join(
+                line
+                for line in tail(spec.runtime.log_file, 600).splitlines()
+                if line.strip() and not line.startswith("--- vmhive:")
+            )
             if isinstance(exc, DriverError | MonitorError | OSError | TimeoutError):
-                raise DriverError(f"QEMU did not start: {exc}; log: {detail}") from exc
+                raise DriverError(
+                    f"QEMU did not start: {exc}" + (f"; QEMU said: {detail}" if detail else "")
+                ) from exc
             raise
         vm.watcher = asyncio.create_task(self._watch(vm), name=f"watch-{spec.name}")
         return process.pid
 
-    async def _wait_for_socket(self, spec: VmSpec, process: QemuProcess) -> None:
+    async def _connect_monitor(self, spec: VmSpec, process: QemuProcess) -> QmpMonitor:
+        """Connect to a fresh QEMU's monitor as soon as it listens.
+
+        QEMU creates the socket a few ms into its start-up, and binds it
+        before it listens, so a missing socket or a refused connect is retried
+        finely until the deadline, as long as QEMU lives.
+        """
         deadline = time.monotonic() + QMP_READY_DEADLINE
-        while not spec.runtime.qmp_socket.exists():
+        while True:
+            if spec.runtime.qmp_socket.exists():
+                monitor = QmpMonitor(spec.name)
+                try:
+                    await monitor.connect(spec.runtime.qmp_socket)
+                    return monitor
+                except MonitorError:
+                    await monitor.close()
+                    if time.monotonic() > deadline:
+                        raise
             if process.exited.is_set():
                 raise DriverError(process.exit_reason())
             if time.monotonic() > deadline:
                 raise DriverError(f"no QMP socket after {QMP_READY_DEADLINE:.0f} s")
-            # QEMU creates the socket during start-up, a few ms in; poll finely.
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(process.exited.wait(), 0.002)
-
-    async def _connect_monitor(self, spec: VmSpec, process: QemuProcess) -> QmpMonitor:
-        """Connect to a fresh QEMU's monitor.
-
-        QEMU binds the socket file before it listens on it, so a connect in
-        between is refused: retry until the deadline, as long as QEMU lives.
-        """
-        deadline = time.monotonic() + QMP_READY_DEADLINE
-        while True:
-            monitor = QmpMonitor(spec.name)
-            try:
-                await monitor.connect(spec.runtime.qmp_socket)
-                return monitor
-            except MonitorError:
-                await monitor.close()
-                if process.exited.is_set() or time.monotonic() > deadline:
-                    raise
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(process.exited.wait(), 0.005)
 
     def _serial(self, spec: VmSpec) -> SerialConsole:
         return SerialConsole(
