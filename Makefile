@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 IMAGE_CACHE := $(CURDIR)/.cache/images
 STAMP := $(VENV)/.installed
 
-.PHONY: setup deps venv image run test lint unit functional bench golden clean
+.PHONY: setup deps venv image run test lint unit functional bench golden lock clean
 
 setup: deps venv image
 
@@ -14,11 +14,16 @@ deps:
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml
+# requirements.lock pins every package, transitive ones included (regenerate
+# with `make lock` after changing pyproject.toml's dependencies).
+$(STAMP): pyproject.toml requirements.lock
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -c requirements.lock -e '.[dev]'
 	@touch $(STAMP)
+
+lock: venv
+	$(BIN)/pip freeze --exclude-editable | grep -v '^vmhive' > requirements.lock
 
 image: venv
 	@$(BIN)/python -m vmhive.guest.tiny $(IMAGE_CACHE)

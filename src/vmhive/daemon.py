@@ -30,7 +30,9 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
 from vmhive.services.host import HostInfo, pinned_machines, qemu_version
 from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.media import MediaService
 from vmhive.services.vms import CreateVmRequest, DiskRequest, VmService
+from vmhive.services.volumes import VolumeService
 from vmhive.store import db
 from vmhive.store.models import Setting, Vm
 
@@ -89,6 +91,9 @@ class Daemon:
         self.ctx = ServiceContext(settings, self.sessions, self.driver, self.runner, self.host)
         self.lifecycle = Lifecycle(self.ctx)
         self.vms = VmService(self.ctx, self.lifecycle)
+        self.volumes = VolumeService(self.ctx)
+        self.media = MediaService(self.ctx)
+        await self.volumes.ensure_default_pool()
         self.agent = Agent(self.ctx, self.vms, self.lifecycle)
         await self.agent.recover()
         await self.agent.autostart()

@@ -22,8 +22,9 @@ router = APIRouter(tags=["vms"])
 POWER_ACTIONS = ("start", "stop", "force-stop", "reboot", "reset", "pause", "resume")
 
 
-def _size(value: str | int | None) -> int | None:
-    if value is None or isinstance(value, int):
+def parse_size_field(value: str | int) -> int:
+    """A size as JSON gives it: bytes, or text such as "10G"."""
+    if isinstance(value, int):
         return value
     try:
         return parse_size(value)
@@ -44,7 +45,14 @@ async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSO
     daemon = daemon_of(request)
     req = CreateVmRequest(
         **body.model_dump(exclude={"disks"}),
-        disks=[DiskRequest(size=_size(d.size), image=d.image, mode=d.mode) for d in body.disks],
+        disks=[
+            DiskRequest(
+                size=None if d.size is None else parse_size_field(d.size),
+                image=d.image,
+                mode=d.mode,
+            )
+            for d in body.disks
+        ],
     )
     return await job_response(daemon, await daemon.vms.create(req), wait)
 

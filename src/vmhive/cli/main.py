@@ -2,18 +2,27 @@
 
 from __future__ import annotations
 
-import json
 import sys
-from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn
 from rich.table import Column, Table
 
-from vmhive.cli.client import Api, ApiTarget, CliError
+from vmhive.cli.client import CliError
+from vmhive.cli.common import (
+    Output,
+    OutputOpt,
+    WaitOpt,
+    api,
+    err,
+    human_size,
+    out,
+    print_json,
+    run_job,
+    state,
+)
+from vmhive.cli.storage import cdrom_app, disk_app, iso_app, pool_app, volume_app
 from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
 
 app = typer.Typer(help="vmhive: manage QEMU/KVM virtual machines.", no_args_is_help=True)
@@ -25,27 +34,11 @@ app.add_typer(vm_app, name="vm")
 app.add_typer(image_app, name="image")
 app.add_typer(job_app, name="job")
 app.add_typer(host_app, name="host")
-
-out = Console()
-err = Console(stderr=True)
-
-
-class Output(StrEnum):
-    table = "table"
-    json = "json"
-
-
-OutputOpt = Annotated[Output, typer.Option("--output", "-o", help="table or json")]
-WaitOpt = Annotated[bool, typer.Option("--wait/--no-wait", help="wait for the job to finish")]
-
-
-class State:
-    api: str | None = None
-    token: str | None = None
-    data_dir: Path | None = None
-
-
-state = State()
+app.add_typer(pool_app, name="pool")
+app.add_typer(volume_app, name="volume")
+app.add_typer(iso_app, name="iso")
+vm_app.add_typer(disk_app, name="disk")
+vm_app.add_typer(cdrom_app, name="cdrom")
 
 
 @app.callback()
@@ -60,48 +53,6 @@ def main_options(
     data_dir: Annotated[Path | None, typer.Option(help="data dir; env VMHIVE_DATA_DIR")] = None,
 ) -> None:
     state.api, state.token, state.data_dir = api, token, data_dir
-
-
-def api() -> Api:
-    return Api(ApiTarget.resolve(state.api, state.token, state.data_dir))
-
-
-def print_json(data: Any) -> None:
-    sys.stdout.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
-
-
-def run_job(client: Api, job: dict[str, Any], output: Output, wait: bool = True) -> dict[str, Any]:
-    """Follow a job with a progress bar (tables) or silently (json)."""
-    if not wait:
-        if output == Output.json:
-            print_json(job)
-        else:
-            out.print(f"job {job['id']} ({job['kind']}) {job['state']}")
-        return job
-    if output == Output.json or not sys.stderr.isatty():
-        job = client.wait_job(job)
-    else:
-        with Progress(
-            TextColumn("{task.description}"),
-            BarColumn(),
-            TextColumn("{task.percentage:>3.0f}%"),
-            console=err,
-            transient=True,
-        ) as bar:
-            task = bar.add_task(job["kind"], total=100)
-            job = client.wait_job(job, lambda j: bar.update(task, completed=j["progress"]))
-    if output == Output.json:
-        print_json(job)
-    return job
-
-
-def human_size(n: int) -> str:
-    size = float(n)
-    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
-        if size < 1024 or unit == "TiB":
-            return f"{size:.0f} {unit}" if unit == "B" else f"{size:.1f} {unit}"
-        size /= 1024
-    return str(n)
 
 
 # -- serve, token, host -------------------------------------------------------------
@@ -214,7 +165,10 @@ def vm_create(
     full_copy: Annotated[
         bool, typer.Option(help="copy the image instead of a copy-on-write overlay")
     ] = False,
-    iso: Annotated[str | None, typer.Option(help="installer ISO for the CD-ROM")] = None,
+    iso: Annotated[
+        str | None, typer.Option(help="installer ISO for the CD-ROM (library name or path)")
+    ] = None,
+    cdrom: Annotated[bool, typer.Option(help="add an empty CD-ROM drive")] = False,
     boot_order: Annotated[str | None, typer.Option(help="e.g. cdrom,disk,network")] = None,
     kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel path")] = None,
     initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd path")] = None,
@@ -242,6 +196,7 @@ def vm_create(
         "memory_mib": memory,
         "disks": disks,
         "iso": iso,
+        "cdrom": cdrom,
         "boot_order": boot_order,
         "kernel": kernel,
         "initrd": initrd,

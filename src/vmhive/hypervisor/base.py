@@ -12,6 +12,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
+from pathlib import Path
 
 from vmhive.hypervisor.spec import RuntimePaths, VmSpec
 
@@ -113,6 +114,17 @@ class Driver(ABC):
 
     @abstractmethod
     async def resume(self, vm_uuid: str) -> None: ...
+
+    @abstractmethod
+    async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
+        """Grow a disk of a running VM; the guest sees the new capacity."""
+
+    @abstractmethod
+    async def insert_media(self, vm_uuid: str, drive: int, iso: Path) -> None:
+        """Put an ISO into CD-ROM drive `drive` of a running VM."""
+
+    @abstractmethod
+    async def eject_media(self, vm_uuid: str, drive: int) -> None: ...
 
     @abstractmethod
     async def kill(self, vm_uuid: str) -> None:

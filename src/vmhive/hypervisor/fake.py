@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from pathlib import Path
 
 from vmhive.hypervisor.base import (
     AdoptResult,
@@ -40,6 +41,8 @@ class FakeDriver(Driver):
         self.paused: set[str] = set()
         self.consoles: dict[str, FakeConsole] = {}
         self.fail_next_start: str | None = None
+        self.resized: dict[tuple[str, str], int] = {}
+        self.media: dict[tuple[str, int], Path] = {}
         self._pids = itertools.count(10_000)
         self._stopped: dict[str, asyncio.Event] = {}
 
@@ -96,6 +99,18 @@ class FakeDriver(Driver):
     async def resume(self, vm_uuid: str) -> None:
         self._need(vm_uuid)
         self.paused.discard(vm_uuid)
+
+    async def insert_media(self, vm_uuid: str, drive: int, iso: Path) -> None:
+        self._need(vm_uuid)
+        self.media[(vm_uuid, drive)] = iso
+
+    async def eject_media(self, vm_uuid: str, drive: int) -> None:
+        self._need(vm_uuid)
+        self.media.pop((vm_uuid, drive), None)
+
+    async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
+        self._need(vm_uuid)
+        self.resized[(vm_uuid, node)] = size
 
     async def kill(self, vm_uuid: str) -> None:
         if vm_uuid in self.started:

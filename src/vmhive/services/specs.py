@@ -131,3 +131,11 @@ def build_spec(settings: Settings, vm: Vm, accel: str) -> VmSpec:
         kernel_boot=kernel_boot,
         firmware=firmware,
     )
+
+
+def resolve_iso(settings: Settings, text: str) -> Path:
+    """An ISO by its name in the library (<data-dir>/iso), or by an allowed path."""
+    library = settings.data_dir / "iso"
+    if "/" not in text and (library / text).is_file():
+        return library / text
+    return check_path_under(text, [library, settings.images], "ISO")

@@ -86,7 +86,7 @@ class VmService:
         boot_order = req.boot_order or ("cdrom,disk,network" if req.iso else "disk,cdrom,network")
         specs.parse_boot_order(boot_order)
         roots = self.allowed_roots()
-        iso = str(specs.check_path_under(req.iso, roots, "ISO")) if req.iso else None
+        iso = str(specs.resolve_iso(self.ctx.settings, req.iso)) if req.iso else None
         kernel = str(specs.check_path_under(req.kernel, roots, "kernel")) if req.kernel else None
         initrd = str(specs.check_path_under(req.initrd, roots, "initrd")) if req.initrd else None
         if initrd and not kernel:

@@ -63,7 +63,8 @@ async def _run(*args: str, progress: ProgressFn | None = None) -> str:
 
 
 async def info(path: Path, fmt: str | None = None) -> dict[str, Any]:
-    args = ["info", "--output=json"]
+    # -U: reading the header of an image a running VM holds locked is safe.
+    args = ["info", "--output=json", "-U"]
     if fmt:
         args += ["-f", fmt]
     result: dict[str, Any] = json.loads(await _run(*args, str(path)))

@@ -82,10 +82,46 @@ class Disk(Base):
     path: Mapped[str] = mapped_column(Text)
     format: Mapped[str] = mapped_column(String(16), default="qcow2")
     size_bytes: Mapped[int] = mapped_column(BigInteger)
-    source: Mapped[str] = mapped_column(String(16))  # blank | overlay | copy
+    source: Mapped[str] = mapped_column(String(16))  # blank | overlay | copy | volume
     image: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Set for a pool volume attached to the VM: it outlives the VM.
+    volume_id: Mapped[int | None] = mapped_column(
+        ForeignKey("volumes.id", ondelete="RESTRICT"), nullable=True
+    )
 
     vm: Mapped[Vm] = relationship(back_populates="disks")
+
+
+class Pool(Base):
+    """Where volumes live. `type` selects the pool driver (dir today)."""
+
+    __tablename__ = "pools"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    type: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    volumes: Mapped[list[Volume]] = relationship(back_populates="pool", order_by="Volume.name")
+
+
+class Volume(Base):
+    __tablename__ = "volumes"
+    __table_args__ = (UniqueConstraint("pool_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    pool_id: Mapped[int] = mapped_column(ForeignKey("pools.id", ondelete="RESTRICT"))
+    name: Mapped[str] = mapped_column(String(128))
+    format: Mapped[str] = mapped_column(String(16))
+    path: Mapped[str] = mapped_column(Text, unique=True)
+    virtual_size: Mapped[int] = mapped_column(BigInteger)
+    backing_id: Mapped[int | None] = mapped_column(
+        ForeignKey("volumes.id", ondelete="RESTRICT"), nullable=True
+    )
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+    pool: Mapped[Pool] = relationship(back_populates="volumes", lazy="joined")
 
 
 class Cdrom(Base):

@@ -14,6 +14,7 @@ import shutil
 import signal
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from vmhive.hypervisor.base import (
     AdoptResult,
@@ -294,10 +295,19 @@ class QemuDriver(Driver):
     async def resume(self, vm_uuid: str) -> None:
         await self._command(vm_uuid, "cont")
 
-    async def _command(self, vm_uuid: str, name: str) -> None:
+    async def insert_media(self, vm_uuid: str, drive: int, iso: Path) -> None:
+        await self._command(vm_uuid, "change_medium", f"cdrom{drive}", str(iso))
+
+    async def eject_media(self, vm_uuid: str, drive: int) -> None:
+        await self._command(vm_uuid, "eject", f"cdrom{drive}")
+
+    async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
+        await self._command(vm_uuid, "block_resize", node, size)
+
+    async def _command(self, vm_uuid: str, name: str, *args: object) -> None:
         vm = self._get(vm_uuid)
         try:
-            await getattr(vm.monitor, name)()
+            await getattr(vm.monitor, name)(*args)
         except MonitorError as exc:
             raise DriverError(f"{name} failed: {exc}") from exc
 

@@ -501,6 +501,21 @@ class QmpMonitor:
     async def system_reset(self) -> None:
         await self._execute("system_reset")
 
+    async def change_medium(self, device_id: str, filename: str) -> None:
+        """Put an ISO into a CD-ROM drive (opening and closing its tray)."""
+        await self._execute(
+            "blockdev-change-medium",
+            {"id": device_id, "filename": filename, "format": "raw", "read-only-mode": "read-only"},
+        )
+
+    async def eject(self, device_id: str) -> None:
+        """Take the medium out, even if the guest locked the tray."""
+        await self._execute("eject", {"id": device_id, "force": True})
+
+    async def block_resize(self, node_name: str, size: int) -> None:
+        """Grow a disk under a running guest (the guest sees a capacity change)."""
+        await self._execute("block_resize", {"node-name": node_name, "size": size})
+
     async def quit(self) -> None:
         """Make QEMU exit.
 

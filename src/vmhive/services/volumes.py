@@ -1,0 +1,377 @@
+"""Storage pools and volumes: create, list, resize, delete, import, attach, detach."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from vmhive.hypervisor.qemu.argv import validate_spec
+from vmhive.hypervisor.spec import DiskSpec
+from vmhive.jobs.runner import JobContext, JobError
+from vmhive.services import specs
+from vmhive.services.context import ServiceContext
+from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.storage import qemu_img
+from vmhive.storage.pools import Capacity, PoolDriver, VolumeSizes, driver_for
+from vmhive.store.models import Disk, Pool, Vm, Volume
+
+DEFAULT_POOL = "local"
+VOLUME_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
+VOLUME_FORMATS = ("qcow2", "raw")
+MAX_VOLUME_BYTES = 64 * 1024**4
+
+
+@dataclass
+class VolumeView:
+    volume: Volume
+    sizes: VolumeSizes
+    attached_to: list[str]
+    backing: str | None
+
+
+def check_volume_name(name: str) -> None:
+    if not VOLUME_NAME_RE.fullmatch(name):
+        raise InvalidRequest(
+            f"invalid volume name {name!r}: use lower-case letters, digits, '.', '_' and '-'"
+        )
+
+
+def check_size(size: int) -> None:
+    if not 1024 * 1024 <= size <= MAX_VOLUME_BYTES:
+        raise InvalidRequest("volume size must be between 1 MiB and 64 TiB")
+
+
+class VolumeService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+
+    # -- pools ------------------------------------------------------------------
+
+    async def ensure_default_pool(self) -> None:
+        path = self.ctx.settings.data_dir / "pools" / DEFAULT_POOL
+        async with self.ctx.sessions() as session:
+            if await session.scalar(select(Pool).where(Pool.name == DEFAULT_POOL)) is None:
+                session.add(Pool(name=DEFAULT_POOL, type="dir", path=str(path)))
+                await session.commit()
+            pools = list(await session.scalars(select(Pool)))
+        for pool in pools:
+            driver_for(pool.type, pool.path).prepare()
+
+    async def pools(self) -> list[tuple[Pool, Capacity, int]]:
+        async with self.ctx.sessions() as session:
+            rows = list(await session.scalars(select(Pool).order_by(Pool.name)))
+            counts = {
+                pool.id: len(
+                    list(await session.scalars(select(Volume.id).where(Volume.pool_id == pool.id)))
+                )
+                for pool in rows
+            }
+        return [
+            (pool, driver_for(pool.type, pool.path).capacity(), counts[pool.id]) for pool in rows
+        ]
+
+    async def pool(self, name: str) -> tuple[Pool, Capacity, int]:
+        for row in await self.pools():
+            if row[0].name == name:
+                return row
+        raise NotFound(f"no storage pool named {name!r}")
+
+    async def _pool(self, session: AsyncSession, name: str) -> Pool:
+        pool = await session.scalar(select(Pool).where(Pool.name == name))
+        if pool is None:
+            raise NotFound(f"no storage pool named {name!r}")
+        return pool
+
+    @staticmethod
+    def _driver(pool: Pool) -> PoolDriver:
+        return driver_for(pool.type, pool.path)
+
+    # -- reading ------------------------------------------------------------------
+
+    async def _volume(self, session: AsyncSession, pool_name: str, name: str) -> Volume:
+        pool = await self._pool(session, pool_name)
+        volume = await session.scalar(
+            select(Volume).where(Volume.pool_id == pool.id, Volume.name == name)
+        )
+        if volume is None:
+            raise NotFound(f"no volume {name!r} in pool {pool_name!r}")
+        return volume
+
+    async def _users(self, session: AsyncSession, volume: Volume) -> tuple[list[str], list[str]]:
+        """VMs the volume is attached to, and volumes or VM disks built on it."""
+        attached = list(
+            await session.scalars(
+                select(Vm.name).join(Disk, Disk.vm_id == Vm.id).where(Disk.volume_id == volume.id)
+            )
+        )
+        children = list(
+            await session.scalars(select(Volume.name).where(Volume.backing_id == volume.id))
+        )
+        return attached, children
+
+    async def _view(self, session: AsyncSession, volume: Volume) -> VolumeView:
+        attached, _children = await self._users(session, volume)
+        backing = None
+        if volume.backing_id is not None:
+            parent = await session.get(Volume, volume.backing_id)
+            backing = f"{parent.pool.name}/{parent.name}" if parent else None
+        try:
+            sizes = await self._driver(volume.pool).sizes(Path(volume.path), volume.format)
+        except qemu_img.QemuImgError:
+            sizes = VolumeSizes(volume.virtual_size, 0)
+        return VolumeView(volume, sizes, attached, backing)
+
+    async def list(self, pool_name: str | None = None) -> list[VolumeView]:
+        async with self.ctx.sessions() as session:
+            query = select(Volume).join(Pool).order_by(Pool.name, Volume.name)
+            if pool_name is not None:
+                query = query.where(Volume.pool_id == (await self._pool(session, pool_name)).id)
+            return [await self._view(session, v) for v in await session.scalars(query)]
+
+    async def show(self, pool_name: str, name: str) -> VolumeView:
+        async with self.ctx.sessions() as session:
+            return await self._view(session, await self._volume(session, pool_name, name))
+
+    # -- create, resize, delete -----------------------------------------------------
+
+    async def create(self, pool_name: str, name: str, size: int, fmt: str = "qcow2") -> str:
+        check_volume_name(name)
+        check_size(size)
+        if fmt not in VOLUME_FORMATS:
+            raise InvalidRequest(f"volume format must be one of {', '.join(VOLUME_FORMATS)}")
+        async with self.ctx.sessions() as session:
+            pool = await self._pool(session, pool_name)
+            driver = self._driver(pool)
+            path = driver.volume_path(name, fmt)
+            volume = Volume(
+                pool_id=pool.id, name=name, format=fmt, path=str(path), virtual_size=size
+            )
+            session.add(volume)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise Conflict(f"pool {pool_name} already has a volume {name!r}") from None
+            volume_id = volume.id
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async def forget() -> None:
+                await driver.delete(path)
+                await self._forget(volume_id)
+
+            ctx.on_rollback(f"remove the half-created volume {name}", forget)
+            await ctx.log(f"creating a {fmt} volume of {size} bytes at {path}")
+            await driver.create(name, size, fmt)
+            return {"pool": pool_name, "volume": name, "path": str(path)}
+
+        return await self.ctx.runner.submit(
+            "volume.create", f"volume:{volume_id}", job, params={"name": f"{pool_name}/{name}"}
+        )
+
+    async def _forget(self, volume_id: int) -> None:
+        async with self.ctx.sessions() as session:
+            volume = await session.get(Volume, volume_id)
+            if volume is not None:
+                await session.delete(volume)
+                await session.commit()
+
+    async def resize(self, pool_name: str, name: str, size: int) -> str:
+        """Grow a volume; online (QMP block_resize) when a running VM uses it."""
+        check_size(size)
+        async with self.ctx.sessions() as session:
+            volume = await self._volume(session, pool_name, name)
+            if size < volume.virtual_size:
+                raise InvalidRequest(
+                    f"volumes only grow: {size} is smaller than the current {volume.virtual_size} "
+                    "bytes (shrinking would cut off the guest's data)"
+                )
+            disk = await session.scalar(select(Disk).where(Disk.volume_id == volume.id))
+            vm = await session.get(Vm, disk.vm_id) if disk else None
+            volume_id, path, fmt, pool = volume.id, Path(volume.path), volume.format, volume.pool
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            if vm is not None and disk is not None and self.ctx.driver.is_running(vm.uuid):
+                await ctx.log(f"growing disk{disk.index} of running VM {vm.name} to {size} bytes")
+                await self.ctx.driver.block_resize(vm.uuid, f"disk{disk.index}", size)
+            else:
+                await ctx.log(f"growing {path} to {size} bytes")
+                await self._driver(pool).resize(path, size, fmt)
+            async with self.ctx.sessions() as session:
+                row = await session.get(Volume, volume_id)
+                if row is not None:
+                    row.virtual_size = size
+                if disk is not None:
+                    disk_row = await session.get(Disk, disk.id)
+                    if disk_row is not None:
+                        disk_row.size_bytes = size
+                await session.commit()
+            return {"pool": pool_name, "volume": name, "size": size}
+
+        target = f"vm:{vm.uuid}" if vm is not None else f"volume:{volume_id}"
+        return await self.ctx.runner.submit(
+            "volume.resize", target, job, params={"name": f"{pool_name}/{name}", "size": size}
+        )
+
+    async def delete(self, pool_name: str, name: str) -> str:
+        async with self.ctx.sessions() as session:
+            volume = await self._volume(session, pool_name, name)
+            attached, children = await self._users(session, volume)
+            if attached:
+                raise Conflict(
+                    f"volume {name} is attached to VM {', '.join(attached)}: detach it first"
+                )
+            if children:
+                raise Conflict(f"volume {name} is the backing file of {', '.join(children)}")
+            volume_id, path, pool = volume.id, Path(volume.path), volume.pool
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            await self._forget(volume_id)
+            ctx.commit()
+            await self._driver(pool).delete(path)
+            await ctx.log(f"removed {path}")
+            return {"pool": pool_name, "volume": name}
+
+        return await self.ctx.runner.submit(
+            "volume.delete", f"volume:{volume_id}", job, params={"name": f"{pool_name}/{name}"}
+        )
+
+    # -- attach and detach -------------------------------------------------------------
+
+    async def attach(self, vm_name: str, pool_name: str, name: str) -> str:
+        async with self.ctx.sessions() as session:
+            vm = await self.ctx.find_vm(session, vm_name)
+            volume = await self._volume(session, pool_name, name)
+            attached, _ = await self._users(session, volume)
+            if attached:
+                raise Conflict(f"volume {name} is already attached to VM {', '.join(attached)}")
+            self._must_be_stopped(vm, "attach a disk")
+            index = max((d.index for d in vm.disks), default=-1) + 1
+            # The argv builder knows each generation's controller limits.
+            spec = specs.build_spec(self.ctx.settings, vm, "tcg")
+            extra = DiskSpec(path=Path(volume.path), format=volume.format)
+            try:
+                validate_spec(dataclasses.replace(spec, disks=(*spec.disks, extra)))
+            except ValueError as exc:
+                raise InvalidRequest(f"cannot attach {name} to {vm_name}: {exc}") from None
+            vm_uuid, volume_id, path, fmt, size = (
+                vm.uuid,
+                volume.id,
+                volume.path,
+                volume.format,
+                volume.virtual_size,
+            )
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async with self.ctx.sessions() as session:
+                row = await self.ctx.find_vm(session, vm_name)
+                self._must_be_stopped(row, "attach a disk")
+                row.disks.append(
+                    Disk(
+                        index=index,
+                        path=path,
+                        format=fmt,
+                        size_bytes=size,
+                        source="volume",
+                        volume_id=volume_id,
+                    )
+                )
+                await session.commit()
+            await ctx.log(f"attached {pool_name}/{name} as disk{index}")
+            return {"vm": vm_name, "disk": index}
+
+        return await self.ctx.runner.submit(
+            "vm.disk-attach", f"vm:{vm_uuid}", job, params={"name": vm_name}
+        )
+
+    async def detach(self, vm_name: str, pool_name: str, name: str) -> str:
+        async with self.ctx.sessions() as session:
+            vm = await self.ctx.find_vm(session, vm_name)
+            volume = await self._volume(session, pool_name, name)
+            disk = next((d for d in vm.disks if d.volume_id == volume.id), None)
+            if disk is None:
+                raise Conflict(f"volume {pool_name}/{name} is not attached to VM {vm_name}")
+            self._must_be_stopped(vm, "detach a disk")
+            vm_uuid, disk_id = vm.uuid, disk.id
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async with self.ctx.sessions() as session:
+                row = await self.ctx.find_vm(session, vm_name)
+                self._must_be_stopped(row, "detach a disk")
+                target = await session.get(Disk, disk_id)
+                if target is not None:
+                    await session.delete(target)
+                await session.commit()
+            await ctx.log(f"detached {pool_name}/{name}")
+            return {"vm": vm_name}
+
+        return await self.ctx.runner.submit(
+            "vm.disk-detach", f"vm:{vm_uuid}", job, params={"name": vm_name}
+        )
+
+    def _must_be_stopped(self, vm: Vm, what: str) -> None:
+        if vm.state not in ("stopped", "crashed") or self.ctx.driver.is_running(vm.uuid):
+            raise Conflict(
+                f"VM {vm.name} must be stopped to {what} (it is {vm.state}; hot-plug comes later)"
+            )
+
+    # -- import ---------------------------------------------------------------------
+
+    async def import_file(self, pool_name: str, name: str, source: str, fmt: str = "auto") -> str:
+        """Convert an image from another hypervisor into a qcow2 volume."""
+        from vmhive.storage import inspect
+
+        check_volume_name(name)
+        roots = [self.ctx.settings.data_dir / "import", self.ctx.settings.images]
+        src = specs.check_path_under(source, roots, "import source")
+        if fmt != "auto" and fmt not in inspect.SUPPORTED_FORMATS:
+            raise InvalidRequest(
+                f"format must be auto or one of {', '.join(inspect.SUPPORTED_FORMATS)}"
+            )
+        try:
+            facts = await inspect.inspect_image(src, fmt)
+        except inspect.UnsafeImage as exc:
+            raise InvalidRequest(f"refusing to import {source}: {exc}") from None
+        async with self.ctx.sessions() as session:
+            pool = await self._pool(session, pool_name)
+            driver = self._driver(pool)
+            path = driver.volume_path(name, "qcow2")
+            volume = Volume(
+                pool_id=pool.id,
+                name=name,
+                format="qcow2",
+                path=str(path),
+                virtual_size=facts.virtual_size,
+            )
+            session.add(volume)
+            try:
+                await session.commit()
+            except IntegrityError:
+                raise Conflict(f"pool {pool_name} already has a volume {name!r}") from None
+            volume_id = volume.id
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async def forget() -> None:
+                await driver.delete(path)
+                await self._forget(volume_id)
+
+            ctx.on_rollback(f"remove the half-imported volume {name}", forget)
+            await ctx.log(f"converting {src} ({facts.format}, {facts.virtual_size} bytes) to qcow2")
+            try:
+                await inspect.convert_image(src, facts, path, progress=ctx.progress)
+            except (inspect.UnsafeImage, qemu_img.QemuImgError) as exc:
+                raise JobError(str(exc)) from exc
+            return {"pool": pool_name, "volume": name, "path": str(path)}
+
+        return await self.ctx.runner.submit(
+            "volume.import",
+            f"volume:{volume_id}",
+            job,
+            params={"name": f"{pool_name}/{name}"},
+            cancellable=True,
+        )
