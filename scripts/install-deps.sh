@@ -4,7 +4,7 @@ set -euo pipefail
 PACKAGES=(
   qemu-system-x86 qemu-utils ovmf seabios
   busybox-static cpio kmod dosfstools mtools syslinux syslinux-common
-  e2fsprogs fdisk systemd-boot-efi xz-utils zstd xorriso
+  e2fsprogs fdisk systemd-boot-efi xz-utils zstd xorriso isolinux
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

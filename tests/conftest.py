@@ -26,3 +26,14 @@ def tiny_image_dir() -> Path:
     except GuestBuildError as exc:
         pytest.fail(f"cannot build the tiny guest image in {dest}: {exc}", pytrace=False)
     return dest
+
+
+@pytest.fixture(scope="session")
+def installer_iso(tiny_image_dir: Path) -> Path:
+    """The tiny guest's installer ISO, built next to (and cached like) the tiny image."""
+    from vmhive.guest.installer import InstallerBuildError, build_installer_iso
+
+    try:
+        return build_installer_iso(tiny_image_dir, tiny_image_dir)
+    except InstallerBuildError as exc:
+        pytest.fail(f"cannot build the installer ISO in {tiny_image_dir}: {exc}", pytrace=False)

@@ -31,6 +31,7 @@ from vmhive.services.errors import Conflict
 from vmhive.services.host import HostInfo, pinned_machines, qemu_version
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
+from vmhive.services.templates import TemplateService
 from vmhive.services.vms import CreateVmRequest, DiskRequest, VmService
 from vmhive.services.volumes import VolumeService
 from vmhive.store import db
@@ -93,6 +94,7 @@ class Daemon:
         self.vms = VmService(self.ctx, self.lifecycle)
         self.volumes = VolumeService(self.ctx)
         self.media = MediaService(self.ctx)
+        self.templates = TemplateService(self.ctx, self.lifecycle)
         await self.volumes.ensure_default_pool()
         self.agent = Agent(self.ctx, self.vms, self.lifecycle)
         await self.agent.recover()

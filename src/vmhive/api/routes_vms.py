@@ -10,7 +10,7 @@ from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from vmhive.api.deps import daemon_of, job_response
-from vmhive.api.schemas import VmCreate, VmEdit, VmOut
+from vmhive.api.schemas import VmClone, VmCreate, VmEdit, VmOut
 from vmhive.services import specs
 from vmhive.services.errors import InvalidRequest
 from vmhive.services.vms import CreateVmRequest, DiskRequest, EditVmRequest
@@ -75,6 +75,19 @@ async def delete_vm(
 ) -> JSONResponse:
     daemon = daemon_of(request)
     return await job_response(daemon, await daemon.vms.delete(name, force=force), wait)
+
+
+@router.post("/vms/{name}/template", status_code=202)
+async def make_template(request: Request, name: str, wait: bool = False) -> JSONResponse:
+    daemon = daemon_of(request)
+    return await job_response(daemon, await daemon.templates.make_template(name), wait)
+
+
+@router.post("/vms/{name}/clone", status_code=202)
+async def clone_vm(request: Request, name: str, body: VmClone, wait: bool = False) -> JSONResponse:
+    daemon = daemon_of(request)
+    job = await daemon.templates.clone(name, body.name, linked=body.linked, start=body.start)
+    return await job_response(daemon, job, wait)
 
 
 @router.post("/vms/{name}/{action}", status_code=202)

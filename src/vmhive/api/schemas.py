@@ -39,6 +39,13 @@ class VmCreate(BaseModel):
     start: bool = False
 
 
+class VmClone(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    linked: bool | None = Field(None, description="default: linked from a template, full otherwise")
+    start: bool = False
+
+
 class VmEdit(BaseModel):
     model_config = ConfigDict(extra="forbid")
     vcpus: int | None = None
@@ -83,6 +90,7 @@ class VmOut(BaseModel):
     accel: str | None
     pid: int | None
     autostart: bool
+    is_template: bool
     boot_order: str
     kernel: str | None
     initrd: str | None
@@ -109,6 +117,7 @@ class VmOut(BaseModel):
             accel=vm.accel,
             pid=vm.pid,
             autostart=vm.autostart,
+            is_template=vm.is_template,
             boot_order=vm.boot_order,
             kernel=vm.kernel,
             initrd=vm.initrd,

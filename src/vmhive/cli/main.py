@@ -334,6 +334,36 @@ def vm_delete(
         out.print(f"VM {name} deleted")
 
 
+@vm_app.command("template")
+def vm_template(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Turn a stopped VM into a template (read-only; clone it to run it)."""
+    client = api()
+    run_job(client, client.post(f"/vms/{name}/template"), output, wait)
+    if wait and output == Output.table:
+        out.print(f"{name} is now a template")
+
+
+@vm_app.command("clone")
+def vm_clone(
+    source: str,
+    name: str,
+    linked: Annotated[
+        bool | None,
+        typer.Option("--linked/--full", help="overlay on the template, or a full copy"),
+    ] = None,
+    start: Annotated[bool, typer.Option(help="start the clone")] = False,
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Clone a template (linked by default) or a stopped VM (full)."""
+    client = api()
+    body = {"name": name, "linked": linked, "start": start}
+    job = run_job(client, client.post(f"/vms/{source}/clone", json=body), output, wait)
+    if wait and output == Output.table:
+        kind = "linked" if job["result"]["linked"] else "full"
+        out.print(f"{name} is a {kind} clone of {source}" + (" and runs" if start else ""))
+
+
 @vm_app.command("edit")
 def vm_edit(
     name: str,

@@ -59,6 +59,8 @@ class Lifecycle:
     # -- checks -------------------------------------------------------------------
 
     def _must_be_stopped(self, vm: Vm) -> None:
+        if vm.is_template:
+            raise Conflict(f"VM {vm.name} is a template: clone it to run it")
         if vm.state == "creating":
             raise Conflict(f"VM {vm.name} is still being created")
         if vm.state not in STARTABLE or self.ctx.driver.is_running(vm.uuid):

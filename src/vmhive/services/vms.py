@@ -259,6 +259,8 @@ class VmService:
             raise Conflict(f"VM {name} is running: stop it first, or delete with --force")
         if vm.state == "creating":
             raise Conflict(f"VM {name} is still being created")
+        if vm.is_template and (clones := await self.linked_clones_of(vm)):
+            raise Conflict(f"template {name} still has linked clones: {', '.join(clones)}")
         vm_uuid = vm.uuid
 
         async def job(ctx: JobContext) -> dict[str, Any]:
@@ -275,6 +277,20 @@ class VmService:
         return await self.ctx.runner.submit(
             "vm.delete", f"vm:{vm_uuid}", job, params={"name": name}
         )
+
+    async def linked_clones_of(self, vm: Vm) -> list[str]:
+        """Names of the VMs whose disks are overlays on this VM's disks."""
+        ids = [d.id for d in vm.disks]
+        if not ids:
+            return []
+        async with self.ctx.sessions() as session:
+            query = (
+                select(Vm.name)
+                .join(Disk, Disk.vm_id == Vm.id)
+                .where(Disk.base_disk_id.in_(ids))
+                .distinct()
+            )
+            return sorted(await session.scalars(query))
 
     async def finish_delete(self, vm_uuid: str) -> None:
         """Remove every file a VM owns, then its record. Safe to run twice."""

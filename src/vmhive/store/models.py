@@ -51,6 +51,8 @@ class Vm(Base):
     initrd: Mapped[str | None] = mapped_column(Text, nullable=True)
     cmdline: Mapped[str | None] = mapped_column(Text, nullable=True)
     autostart: Mapped[bool] = mapped_column(Boolean, default=False)
+    # A template is read-only and never runs: VMs are cloned from it.
+    is_template: Mapped[bool] = mapped_column(Boolean, default=False)
     desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
     state: Mapped[str] = mapped_column(String(16), default="creating")
     state_reason: Mapped[str] = mapped_column(Text, default="")
@@ -87,6 +89,10 @@ class Disk(Base):
     # Set for a pool volume attached to the VM: it outlives the VM.
     volume_id: Mapped[int | None] = mapped_column(
         ForeignKey("volumes.id", ondelete="RESTRICT"), nullable=True
+    )
+    # A linked clone's disk is an overlay on this template disk.
+    base_disk_id: Mapped[int | None] = mapped_column(
+        ForeignKey("disks.id", ondelete="RESTRICT"), nullable=True
     )
 
     vm: Mapped[Vm] = relationship(back_populates="disks")

@@ -1,0 +1,72 @@
+"""Templates and linked/full clones, with a real guest and real qcow2 chains."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.functional.hive import Hive
+
+pytestmark = pytest.mark.functional
+
+
+def backing_of(path: str) -> str | None:
+    info = subprocess.run(
+        ["qemu-img", "info", "-U", "--output=json", path], capture_output=True, check=True
+    )
+    value: str | None = json.loads(info.stdout).get("backing-filename")
+    return value
+
+
+def test_template_linked_and_full_clones(hive: Hive) -> None:
+    hive.create_tiny("golden", 2, "--start")
+    hive.wait_ready("golden")
+    hive.run_in_guest("golden", "echo prepared-in-template > /root/marker && sync")
+    hive.cli("vm", "stop", "golden")
+
+    hive.cli("vm", "template", "golden")
+    template = hive.vm("golden")
+    assert template["is_template"]
+    disk = template["disks"][0]["path"]
+    assert Path(disk).stat().st_mode & 0o222 == 0, "template disks are read-only"
+    refused = hive.cli("vm", "start", "golden", check=False)
+    assert refused.rc == 1 and "is a template" in refused.err
+
+    linked = hive.cli("vm", "clone", "golden", "web1", "--start", "-o", "json").json()
+    assert linked["result"]["linked"] is True
+    clone = hive.vm("web1")
+    assert clone["uuid"] != template["uuid"]
+    assert clone["nics"][0]["mac"] != template["nics"][0]["mac"]
+    assert clone["disks"][0]["source"] == "linked"
+    assert backing_of(clone["disks"][0]["path"]) == disk
+    clone_vars = hive.data_dir / "vms" / clone["uuid"] / "OVMF_VARS.fd"
+    assert (
+        clone_vars.exists()
+        and clone_vars != hive.data_dir / "vms" / template["uuid"] / "OVMF_VARS.fd"
+    )
+    hive.wait_ready("web1")
+    assert hive.run_in_guest("web1", "cat /root/marker") == "prepared-in-template"
+    hive.run_in_guest("web1", "echo changed > /root/marker && sync")
+
+    full = hive.cli("vm", "clone", "golden", "web2", "--full", "-o", "json").json()
+    assert full["result"]["linked"] is False and full["progress"] == 100
+    copy = hive.vm("web2")
+    assert copy["disks"][0]["source"] == "copy" and backing_of(copy["disks"][0]["path"]) is None
+
+    busy = hive.cli("vm", "delete", "golden", check=False)
+    assert busy.rc == 1 and "linked clones: web1" in busy.err
+    no_link = hive.cli("vm", "clone", "web2", "web3", "--linked", check=False)
+    assert no_link.rc == 1 and "needs a template" in no_link.err
+    dup = hive.cli("vm", "clone", "golden", "web2", check=False)
+    assert dup.rc == 1 and "already exists" in dup.err
+
+    hive.cli("vm", "delete", "web1", "--force")
+    hive.cli("vm", "delete", "golden")  # the full clone does not depend on it
+    hive.cli("vm", "start", "web2")
+    hive.wait_ready("web2")
+    # The full copy holds the template's content, not the linked clone's change.
+    assert hive.run_in_guest("web2", "cat /root/marker") == "prepared-in-template"
+    hive.cli("vm", "delete", "web2", "--force")
