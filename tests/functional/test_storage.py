@@ -69,20 +69,36 @@ def test_attach_resize_online_and_detach(hive: Hive) -> None:
     sectors = hive.run_in_guest("withdata", "cat /sys/block/vdb/size")
     assert int(sectors) * 512 == 48 * MIB
 
-    busy = hive.cli("vm", "disk", "detach", "withdata", "extra", check=False)
-    assert busy.rc == 1 and "must be stopped" in busy.err
-    hive.cli("vm", "stop", "withdata")
+    # Hot-unplug, then hot-plug again, while the guest runs.
     hive.cli("vm", "disk", "detach", "withdata", "extra")
     assert [d["source"] for d in hive.vm("withdata")["disks"]] == ["overlay"]
+    assert hive.run_in_guest("withdata", "ls /sys/block | grep -c vd") == "1"
+    hive.cli("volume", "create", "hot", "--size", "24M")
+    hive.cli("vm", "disk", "attach", "withdata", "hot")
+    assert hive.vm("withdata")["state"] == "running"
+    sizes = hive.run_in_guest("withdata", "for d in /sys/block/vd*; do cat $d/size; done")
+    assert [int(x) * 512 for x in sizes.split()][1:] == [24 * MIB]
+    hive.cli("vm", "stop", "withdata")
 
     # A VM's deletion never takes a pool volume with it.
     hive.cli("vm", "disk", "attach", "withdata", "extra")
     hive.cli("vm", "delete", "withdata")
-    vol = hive.cli("volume", "show", "extra", "-o", "json").json()
-    assert vol["attached_to"] == [] and Path(vol["path"]).exists()
-    check = subprocess.run(["qemu-img", "check", vol["path"]], capture_output=True)
-    assert check.returncode == 0, check.stdout
-    hive.cli("volume", "delete", "extra")
+    for name in ("extra", "hot"):
+        vol = hive.cli("volume", "show", name, "-o", "json").json()
+        assert vol["attached_to"] == [] and Path(vol["path"]).exists()
+        check = subprocess.run(["qemu-img", "check", vol["path"]], capture_output=True)
+        assert check.returncode == 0, check.stdout
+        hive.cli("volume", "delete", name)
+
+
+def test_gen1_has_no_hotplug(hive: Hive) -> None:
+    hive.cli("volume", "create", "cold", "--size", "16M")
+    hive.cli("vm", "create", "oldie", "-g", "1", "--memory", "64", "--disk-size", "16M", "--start")
+    refused = hive.cli("vm", "disk", "attach", "oldie", "cold", check=False)
+    assert refused.rc == 1 and "generation 1 (IDE) has no hot-plug" in refused.err
+    assert len(hive.vm("oldie")["disks"]) == 1
+    hive.cli("vm", "delete", "oldie", "--force")
+    hive.cli("volume", "delete", "cold")
 
 
 def test_gen1_disk_slots_are_limited(hive: Hive) -> None:

@@ -70,3 +70,34 @@ def test_template_linked_and_full_clones(hive: Hive) -> None:
     # The full copy holds the template's content, not the linked clone's change.
     assert hive.run_in_guest("web2", "cat /root/marker") == "prepared-in-template"
     hive.cli("vm", "delete", "web2", "--force")
+
+
+def test_cloud_init_seed_and_new_instance_id_on_clones(hive: Hive, tmp_path: Path) -> None:
+    script = tmp_path / "user-data"
+    script.write_text('#!/bin/sh\necho "first boot of $(hostname)" >> /root/first-boots\n')
+    hive.create_tiny("seeded", 1, "--user-data", str(script), "--start")
+    vm = hive.vm("seeded")
+    assert vm["cloud_init"] and vm["cloud_init_instance_id"]
+    hive.wait_ready("seeded")
+    assert (
+        f"vmhive-cloud-init: instance-id={vm['cloud_init_instance_id']} hostname=seeded"
+        in hive.console_log("seeded")
+    )
+    assert hive.run_in_guest("seeded", "hostname") == "seeded"
+    assert hive.run_in_guest("seeded", "cat /root/first-boots") == "first boot of seeded"
+    hive.cli("vm", "stop", "seeded")
+
+    hive.cli("vm", "template", "seeded")
+    hive.cli("vm", "clone", "seeded", "sprout", "--start")
+    clone = hive.vm("sprout")
+    assert clone["cloud_init"] and clone["cloud_init_instance_id"] != vm["cloud_init_instance_id"]
+    hive.wait_ready("sprout")
+    assert hive.run_in_guest("sprout", "hostname") == "sprout"
+    # The template's first boot is in the disk it shares; the clone's new
+    # instance id ran the user-data once more, as the new machine.
+    assert hive.run_in_guest("sprout", "cat /root/first-boots").splitlines() == [
+        "first boot of seeded",
+        "first boot of sprout",
+    ]
+    hive.cli("vm", "delete", "sprout", "--force")
+    hive.cli("vm", "delete", "seeded")

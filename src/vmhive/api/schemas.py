@@ -37,6 +37,8 @@ class VmCreate(BaseModel):
     autostart: bool = False
     description: str = ""
     start: bool = False
+    cloud_init: bool = Field(False, description="attach a NoCloud seed (hostname = VM name)")
+    user_data: str | None = Field(None, description="cloud-init user-data (implies cloud_init)")
 
 
 class VmClone(BaseModel):
@@ -91,6 +93,8 @@ class VmOut(BaseModel):
     pid: int | None
     autostart: bool
     is_template: bool
+    cloud_init: bool
+    cloud_init_instance_id: str | None
     boot_order: str
     kernel: str | None
     initrd: str | None
@@ -118,6 +122,8 @@ class VmOut(BaseModel):
             pid=vm.pid,
             autostart=vm.autostart,
             is_template=vm.is_template,
+            cloud_init=vm.cloudinit,
+            cloud_init_instance_id=vm.cloudinit_instance_id if vm.cloudinit else None,
             boot_order=vm.boot_order,
             kernel=vm.kernel,
             initrd=vm.initrd,

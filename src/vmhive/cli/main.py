@@ -169,6 +169,12 @@ def vm_create(
         str | None, typer.Option(help="installer ISO for the CD-ROM (library name or path)")
     ] = None,
     cdrom: Annotated[bool, typer.Option(help="add an empty CD-ROM drive")] = False,
+    cloud_init: Annotated[
+        bool, typer.Option(help="attach a cloud-init NoCloud seed (hostname = VM name)")
+    ] = False,
+    user_data: Annotated[
+        Path | None, typer.Option(help="cloud-init user-data file (implies --cloud-init)")
+    ] = None,
     boot_order: Annotated[str | None, typer.Option(help="e.g. cdrom,disk,network")] = None,
     kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel path")] = None,
     initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd path")] = None,
@@ -197,6 +203,8 @@ def vm_create(
         "disks": disks,
         "iso": iso,
         "cdrom": cdrom,
+        "cloud_init": cloud_init,
+        "user_data": _read_text(user_data) if user_data else None,
         "boot_order": boot_order,
         "kernel": kernel,
         "initrd": initrd,
@@ -211,6 +219,13 @@ def vm_create(
     run_job(client, client.post("/vms", json=body), output, wait)
     if wait and output == Output.table:
         out.print(f"VM {name} created" + (" and started" if start else ""))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise CliError(f"cannot read {path}: {exc}") from None
 
 
 VM_COLUMNS = ("name", "state", "generation", "vcpus", "memory_mib", "pid", "accel")
@@ -271,6 +286,10 @@ def vm_show(name: str, output: OutputOpt = Output.table) -> None:
         table.add_row(f"cdrom{cd['index']}", cd["iso"] or "(empty)")
     for nic in vm["nics"]:
         table.add_row(f"nic{nic['index']}", f"{nic['mac']} ({nic['backend']})")
+    if vm["cloud_init"]:
+        table.add_row("cloud-init", f"instance-id {vm['cloud_init_instance_id']}")
+    if vm["is_template"]:
+        table.add_row("template", "yes (clone it to run it)")
     if vm["kernel"]:
         table.add_row("kernel", f"{vm['kernel']} initrd={vm['initrd']} cmdline={vm['cmdline']!r}")
     out.print(table)

@@ -116,6 +116,14 @@ class Driver(ABC):
     async def resume(self, vm_uuid: str) -> None: ...
 
     @abstractmethod
+    async def hotplug_disk(self, vm_uuid: str, index: int, path: Path, fmt: str) -> None:
+        """Add disk `index` to a running VM (generation 2)."""
+
+    @abstractmethod
+    async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        """Remove disk `index` from a running VM once the guest has let go of it."""
+
+    @abstractmethod
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         """Grow a disk of a running VM; the guest sees the new capacity."""
 

@@ -43,6 +43,7 @@ class FakeDriver(Driver):
         self.fail_next_start: str | None = None
         self.resized: dict[tuple[str, str], int] = {}
         self.media: dict[tuple[str, int], Path] = {}
+        self.hotplugged: dict[tuple[str, int], Path] = {}
         self._pids = itertools.count(10_000)
         self._stopped: dict[str, asyncio.Event] = {}
 
@@ -107,6 +108,14 @@ class FakeDriver(Driver):
     async def eject_media(self, vm_uuid: str, drive: int) -> None:
         self._need(vm_uuid)
         self.media.pop((vm_uuid, drive), None)
+
+    async def hotplug_disk(self, vm_uuid: str, index: int, path: Path, fmt: str) -> None:
+        self._need(vm_uuid)
+        self.hotplugged[(vm_uuid, index)] = path
+
+    async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        self._need(vm_uuid)
+        self.hotplugged.pop((vm_uuid, index), None)
 
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         self._need(vm_uuid)

@@ -30,6 +30,7 @@ MIN_MEMORY_MIB = 32
 MIN_MEMORY_MIB_UEFI = 192
 MAX_MEMORY_MIB = 1024 * 1024
 VARS_FILE = "OVMF_VARS.fd"
+SEED_FILE = "cidata.iso"
 
 
 def check_name(name: str) -> None:
@@ -125,7 +126,8 @@ def build_spec(settings: Settings, vm: Vm, accel: str) -> VmSpec:
         accel=Accel(accel),
         runtime=runtime_paths(settings, vm.uuid),
         disks=tuple(DiskSpec(path=Path(d.path), format=d.format) for d in vm.disks),
-        cdroms=tuple(CdromSpec(iso=Path(c.iso) if c.iso else None) for c in vm.cdroms),
+        cdroms=tuple(CdromSpec(iso=Path(c.iso) if c.iso else None) for c in vm.cdroms)
+        + ((CdromSpec(iso=vm_dir(settings, vm) / SEED_FILE),) if vm.cloudinit else ()),
         nics=tuple(NicSpec(mac=n.mac, model=n.model, backend=n.backend) for n in vm.nics),
         boot_order=parse_boot_order(vm.boot_order),
         kernel_boot=kernel_boot,

@@ -99,6 +99,10 @@ class TemplateService:
                 cmdline=src.cmdline,
                 desired_state="stopped",
                 state="creating",
+                # A new instance id: cloud-init treats the clone as a new machine.
+                cloudinit=src.cloudinit,
+                cloudinit_instance_id=str(uuidlib.uuid4()),
+                cloudinit_user_data=src.cloudinit_user_data,
             )
             for cd in src.cdroms:
                 vm.cdroms.append(Cdrom(index=cd.index, iso=cd.iso))

@@ -24,6 +24,7 @@ from vmhive.store.models import Cdrom, Disk, Event, Nic, Vm
 
 MAX_DISK_BYTES = 64 * 1024**4
 MAX_DISKS = 4  # gen 1 has four IDE slots, shared with CD-ROMs
+MAX_USER_DATA = 64 * 1024
 
 
 @dataclass
@@ -53,6 +54,8 @@ class CreateVmRequest:
     autostart: bool = False
     description: str = ""
     start: bool = False
+    cloud_init: bool = False
+    user_data: str | None = None
 
 
 @dataclass
@@ -81,7 +84,10 @@ class VmService:
         if req.generation not in (1, 2):
             raise InvalidRequest(f"generation must be 1 or 2, got {req.generation}")
         specs.check_resources(req.vcpus, req.memory_mib, req.generation)
-        if len(req.disks) + (1 if req.iso or req.cdrom else 0) > MAX_DISKS:
+        if len(req.user_data or "") > MAX_USER_DATA:
+            raise InvalidRequest(f"user-data is limited to {MAX_USER_DATA} bytes")
+        seed = 1 if req.cloud_init or req.user_data is not None else 0
+        if len(req.disks) + (1 if req.iso or req.cdrom else 0) + seed > MAX_DISKS:
             raise InvalidRequest(f"at most {MAX_DISKS} disks and CD-ROMs together")
         boot_order = req.boot_order or ("cdrom,disk,network" if req.iso else "disk,cdrom,network")
         specs.parse_boot_order(boot_order)
@@ -116,6 +122,9 @@ class VmService:
                 autostart=req.autostart,
                 desired_state="stopped",
                 state="creating",
+                cloudinit=req.cloud_init or req.user_data is not None,
+                cloudinit_instance_id=str(uuidlib.uuid4()),
+                cloudinit_user_data=req.user_data,
             )
             if iso or req.cdrom:
                 vm.cdroms.append(Cdrom(index=0, iso=iso))

@@ -12,6 +12,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from vmhive.hypervisor.base import DriverError
 from vmhive.hypervisor.qemu.argv import validate_spec
 from vmhive.hypervisor.spec import DiskSpec
 from vmhive.jobs.runner import JobContext, JobError
@@ -244,13 +245,14 @@ class VolumeService:
     # -- attach and detach -------------------------------------------------------------
 
     async def attach(self, vm_name: str, pool_name: str, name: str) -> str:
+        """Attach a volume as the VM's next disk: hot-plugged into a running gen 2 VM."""
         async with self.ctx.sessions() as session:
             vm = await self.ctx.find_vm(session, vm_name)
             volume = await self._volume(session, pool_name, name)
             attached, _ = await self._users(session, volume)
             if attached:
                 raise Conflict(f"volume {name} is already attached to VM {', '.join(attached)}")
-            self._must_be_stopped(vm, "attach a disk")
+            self._check_pluggable(vm, "attach a disk")
             index = max((d.index for d in vm.disks), default=-1) + 1
             # The argv builder knows each generation's controller limits.
             spec = specs.build_spec(self.ctx.settings, vm, "tcg")
@@ -259,22 +261,28 @@ class VolumeService:
                 validate_spec(dataclasses.replace(spec, disks=(*spec.disks, extra)))
             except ValueError as exc:
                 raise InvalidRequest(f"cannot attach {name} to {vm_name}: {exc}") from None
-            vm_uuid, volume_id, path, fmt, size = (
-                vm.uuid,
-                volume.id,
-                volume.path,
-                volume.format,
-                volume.virtual_size,
-            )
+            vm_uuid, volume_id, size = vm.uuid, volume.id, volume.virtual_size
+            path, fmt = Path(volume.path), volume.format
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             async with self.ctx.sessions() as session:
                 row = await self.ctx.find_vm(session, vm_name)
-                self._must_be_stopped(row, "attach a disk")
+                self._check_pluggable(row, "attach a disk")
+                if self.ctx.driver.is_running(vm_uuid):
+                    await ctx.log(f"hot-plugging {pool_name}/{name} as disk{index}")
+                    try:
+                        await self.ctx.driver.hotplug_disk(vm_uuid, index, path, fmt)
+                    except DriverError as exc:
+                        raise JobError(str(exc)) from exc
+
+                    async def unplug() -> None:
+                        await self.ctx.driver.unplug_disk(vm_uuid, index)
+
+                    ctx.on_rollback(f"unplug disk{index}", unplug)
                 row.disks.append(
                     Disk(
                         index=index,
-                        path=path,
+                        path=str(path),
                         format=fmt,
                         size_bytes=size,
                         source="volume",
@@ -290,19 +298,26 @@ class VolumeService:
         )
 
     async def detach(self, vm_name: str, pool_name: str, name: str) -> str:
+        """Detach a volume (kept in its pool); unplugged from a running gen 2 VM."""
         async with self.ctx.sessions() as session:
             vm = await self.ctx.find_vm(session, vm_name)
             volume = await self._volume(session, pool_name, name)
             disk = next((d for d in vm.disks if d.volume_id == volume.id), None)
             if disk is None:
                 raise Conflict(f"volume {pool_name}/{name} is not attached to VM {vm_name}")
-            self._must_be_stopped(vm, "detach a disk")
-            vm_uuid, disk_id = vm.uuid, disk.id
+            self._check_pluggable(vm, "detach a disk")
+            vm_uuid, disk_id, index = vm.uuid, disk.id, disk.index
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             async with self.ctx.sessions() as session:
                 row = await self.ctx.find_vm(session, vm_name)
-                self._must_be_stopped(row, "detach a disk")
+                self._check_pluggable(row, "detach a disk")
+                if self.ctx.driver.is_running(vm_uuid):
+                    await ctx.log(f"asking the guest to release disk{index}")
+                    try:
+                        await self.ctx.driver.unplug_disk(vm_uuid, index)
+                    except DriverError as exc:
+                        raise JobError(str(exc)) from exc
                 target = await session.get(Disk, disk_id)
                 if target is not None:
                     await session.delete(target)
@@ -314,11 +329,17 @@ class VolumeService:
             "vm.disk-detach", f"vm:{vm_uuid}", job, params={"name": vm_name}
         )
 
-    def _must_be_stopped(self, vm: Vm, what: str) -> None:
-        if vm.state not in ("stopped", "crashed") or self.ctx.driver.is_running(vm.uuid):
+    def _check_pluggable(self, vm: Vm, what: str) -> None:
+        """Stopped VMs take any change; running ones only gen 2 hot-plug."""
+        if vm.is_template:
+            raise Conflict(f"VM {vm.name} is a template: its disks cannot change")
+        running = self.ctx.driver.is_running(vm.uuid)
+        if running and vm.generation == 1:
             raise Conflict(
-                f"VM {vm.name} must be stopped to {what} (it is {vm.state}; hot-plug comes later)"
+                f"VM {vm.name} must be stopped to {what}: generation 1 (IDE) has no hot-plug"
             )
+        if not running and vm.state not in ("stopped", "crashed"):
+            raise Conflict(f"VM {vm.name} is {vm.state}: try again when it is running or stopped")
 
     # -- import ---------------------------------------------------------------------
 

@@ -53,6 +53,10 @@ class Vm(Base):
     autostart: Mapped[bool] = mapped_column(Boolean, default=False)
     # A template is read-only and never runs: VMs are cloned from it.
     is_template: Mapped[bool] = mapped_column(Boolean, default=False)
+    # cloud-init (NoCloud seed CD-ROM): a new instance id makes a clone a new machine.
+    cloudinit: Mapped[bool] = mapped_column(Boolean, default=False)
+    cloudinit_instance_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    cloudinit_user_data: Mapped[str | None] = mapped_column(Text, nullable=True)
     desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
     state: Mapped[str] = mapped_column(String(16), default="creating")
     state_reason: Mapped[str] = mapped_column(Text, default="")

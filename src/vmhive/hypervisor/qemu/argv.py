@@ -404,10 +404,14 @@ def _boot_indexes(spec: VmSpec) -> dict[str, int]:
     return indexes
 
 
-def _blockdev_pair(
+def blockdev_nodes(
     name: str, path: str, fmt: str, *, read_only: bool, with_cache: bool = True
-) -> list[str]:
-    """``-blockdev`` arguments for a protocol node ``<name>-file`` and format node ``<name>``."""
+) -> list[dict[str, Any]]:
+    """A protocol node ``<name>-file`` and a format node ``<name>`` over it.
+
+    The same dictionaries serve ``-blockdev`` at start and QMP ``blockdev-add``
+    at hot-plug, so a hot-plugged disk is opened exactly like a cold one.
+    """
     file_node: dict[str, Any] = {"driver": "file", "node-name": f"{name}-file", "filename": path}
     fmt_node: dict[str, Any] = {"driver": fmt, "node-name": name, "file": f"{name}-file"}
     for node in (file_node, fmt_node):
@@ -417,7 +421,17 @@ def _blockdev_pair(
             node["cache"] = dict(_CACHE)
         if not read_only and with_cache:
             node["discard"] = "unmap"
-    return ["-blockdev", _json_arg(file_node), "-blockdev", _json_arg(fmt_node)]
+    return [file_node, fmt_node]
+
+
+def _blockdev_pair(
+    name: str, path: str, fmt: str, *, read_only: bool, with_cache: bool = True
+) -> list[str]:
+    """``-blockdev`` arguments for a protocol node ``<name>-file`` and format node ``<name>``."""
+    argv: list[str] = []
+    for node in blockdev_nodes(name, path, fmt, read_only=read_only, with_cache=with_cache):
+        argv += ["-blockdev", _json_arg(node)]
+    return argv
 
 
 def build_argv(spec: VmSpec, *, qemu_binary: str = "qemu-system-x86_64") -> list[str]:

@@ -24,7 +24,7 @@ from vmhive.hypervisor.base import (
     NotRunning,
     ObservedState,
 )
-from vmhive.hypervisor.qemu.argv import build_argv
+from vmhive.hypervisor.qemu.argv import blockdev_nodes, build_argv
 from vmhive.hypervisor.qemu.process import (
     LaunchError,
     QemuProcess,
@@ -57,6 +57,8 @@ class _Vm:
     # Set when the exit that follows is expected (guest power-off, our quit or kill).
     shutdown_reason: str | None = None
     acpi_requested: bool = False
+    # device id -> set when QEMU reports DEVICE_DELETED (the guest let go of it)
+    unplugged: dict[str, asyncio.Event] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -264,6 +266,9 @@ class QemuDriver(Driver):
                 await self._report(uuid, ObservedState.PAUSED, "")
             elif event.name == "RESUME":
                 await self._report(uuid, ObservedState.RUNNING, "")
+            elif event.name == "DEVICE_DELETED":
+                device = str(event.data.get("device", ""))
+                vm.unplugged.setdefault(device, asyncio.Event()).set()
             elif event.name == "GUEST_PANICKED":
                 await self._report(uuid, ObservedState.CRASHED, "the guest kernel panicked")
 
@@ -300,6 +305,58 @@ class QemuDriver(Driver):
 
     async def eject_media(self, vm_uuid: str, drive: int) -> None:
         await self._command(vm_uuid, "eject", f"cdrom{drive}")
+
+    async def hotplug_disk(self, vm_uuid: str, index: int, path: Path, fmt: str) -> None:
+        vm = self._get(vm_uuid)
+        if vm.spec.generation != 2:
+            raise DriverError("disks can be hot-plugged on generation 2 VMs only")
+        name = f"disk{index}"
+        try:
+            port = await self._free_root_port(vm)
+            added: list[str] = []
+            try:
+                for node in blockdev_nodes(name, str(path), fmt, read_only=False):
+                    await vm.monitor.blockdev_add(node)
+                    added.append(str(node["node-name"]))
+                vm.unplugged.pop(name, None)
+                await vm.monitor.device_add(
+                    {"driver": "virtio-blk-pci", "id": name, "drive": name, "bus": port}
+                )
+            except MonitorError:
+                for node_name in reversed(added):
+                    with contextlib.suppress(MonitorError):
+                        await vm.monitor.blockdev_del(node_name)
+                raise
+        except MonitorError as exc:
+            raise DriverError(f"hot-plug of {path} failed: {exc}") from exc
+
+    async def _free_root_port(self, vm: _Vm) -> str:
+        """The first pcie-root-port with nothing plugged in, as QEMU sees it now."""
+        for bus in await vm.monitor.query_pci():
+            for device in bus.get("devices", []):
+                bridge = device.get("pci_bridge")
+                qdev_id = str(device.get("qdev_id", ""))
+                if bridge is not None and qdev_id.startswith("rp") and not bridge.get("devices"):
+                    return qdev_id
+        raise DriverError("no free hot-plug slot left: stop the VM to add more disks")
+
+    async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        vm = self._get(vm_uuid)
+        name = f"disk{index}"
+        released = vm.unplugged.setdefault(name, asyncio.Event())
+        released.clear()
+        try:
+            await vm.monitor.device_del(name)
+            try:
+                await asyncio.wait_for(released.wait(), timeout)
+            except TimeoutError:
+                raise DriverError(
+                    f"the guest did not release {name} within {timeout:.0f} s"
+                ) from None
+            await vm.monitor.blockdev_del(name)
+            await vm.monitor.blockdev_del(f"{name}-file")
+        except MonitorError as exc:
+            raise DriverError(f"unplug of {name} failed: {exc}") from exc
 
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         await self._command(vm_uuid, "block_resize", node, size)

@@ -512,6 +512,23 @@ class QmpMonitor:
         """Take the medium out, even if the guest locked the tray."""
         await self._execute("eject", {"id": device_id, "force": True})
 
+    async def blockdev_add(self, node: Mapping[str, object]) -> None:
+        await self._execute("blockdev-add", node)
+
+    async def blockdev_del(self, node_name: str) -> None:
+        await self._execute("blockdev-del", {"node-name": node_name})
+
+    async def device_add(self, device: Mapping[str, object]) -> None:
+        await self._execute("device_add", device)
+
+    async def device_del(self, device_id: str) -> None:
+        """Ask the guest to release a device; DEVICE_DELETED follows when it has."""
+        await self._execute("device_del", {"id": device_id})
+
+    async def query_pci(self) -> list[dict[str, Any]]:
+        result = await self._execute("query-pci")
+        return [dict(bus) for bus in result] if isinstance(result, list) else []
+
     async def block_resize(self, node_name: str, size: int) -> None:
         """Grow a disk under a running guest (the guest sees a capacity change)."""
         await self._execute("block_resize", {"node-name": node_name, "size": size})
