@@ -159,3 +159,22 @@ async def test_refusals(client: Client) -> None:
         assert message in response.json()["detail"]
     vms = (await client.call("GET", "/api/vms")).json()
     assert [vm["name"] for vm in vms] == ["web"]
+
+
+async def test_volume_create_rolls_back_when_the_pool_fails(
+    client: Client, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from vmhive.storage.pools import DirPool, PoolError
+
+    async def broken(*_args: Any, **_kw: Any) -> Any:
+        raise PoolError("the pool's disk is full")
+
+    monkeypatch.setattr(DirPool, "create", broken)
+    job = await client.job("POST", "/api/pools/local/volumes", json={"name": "v1", "size": "16M"})
+    assert job["state"] == "failed" and "disk is full" in job["error"]
+    assert (await client.call("GET", "/api/volumes")).json() == []
+    monkeypatch.undo()
+    job = await client.job("POST", "/api/pools/local/volumes", json={"name": "v1", "size": "16M"})
+    assert job["state"] == "succeeded"
+    volumes = (await client.call("GET", "/api/volumes")).json()
+    assert [(v["name"], v["virtual_size"]) for v in volumes] == [("v1", 16 * 1024 * 1024)]

@@ -45,7 +45,6 @@ import os
 import shutil
 import stat
 import struct
-import subprocess
 import sys
 import tempfile
 import zlib
@@ -53,6 +52,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vmhive.guest import tiny
 from vmhive.guest.tiny import (
     INITRD_NAME,
     KERNEL_NAME,
@@ -150,37 +150,13 @@ def _run(
     args: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, timeout: float = 600
 ) -> str:
     """Run a command, return its stdout; raise InstallerBuildError on any failure."""
-    argv = [os.fspath(a) for a in args]
-    log.debug("running %s", argv)
-    env = dict(os.environ, LC_ALL="C", MTOOLS_SKIP_CHECK="1")
-    try:
-        proc = subprocess.run(
-            argv, cwd=cwd, capture_output=True, check=False, env=env, timeout=timeout
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise InstallerBuildError(
-            f"command timed out after {timeout:.0f}s: {' '.join(argv)}"
-        ) from exc
-    except FileNotFoundError as exc:
-        raise InstallerBuildError(
-            f"command not found: {argv[0]} (install the Debian packages "
-            f"{', '.join(BUILD_PACKAGES)})"
-        ) from exc
-    stdout = proc.stdout.decode(errors="replace")
-    if proc.returncode != 0:
-        stderr = proc.stderr.decode(errors="replace").strip()
-        raise InstallerBuildError(
-            f"command failed with exit code {proc.returncode}: {' '.join(argv)}\n"
-            f"{stderr or stdout.strip()}"
-        )
-    return stdout
+    return tiny._run(
+        args, cwd=cwd, timeout=timeout, error=InstallerBuildError, packages=BUILD_PACKAGES
+    )
 
 
 def _first_existing(candidates: Sequence[Path], what: str, package: str) -> Path:
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise InstallerBuildError(f"{what} not found (install the Debian package {package})")
+    return tiny._first_existing(candidates, what, package, error=InstallerBuildError)
 
 
 def _read_file(name: str) -> str:

@@ -230,8 +230,15 @@ def _run(
     cwd: Path | None = None,
     input_bytes: bytes | None = None,
     timeout: float = 600,
+    error: type[GuestBuildError] | None = None,
+    packages: Sequence[str] | None = None,
 ) -> str:
-    """Run a command, return its stdout; raise GuestBuildError on any failure."""
+    """Run a command, return its stdout; raise `error` (GuestBuildError) on any failure.
+
+    `error` and `packages` let other image builders (the installer ISO) reuse
+    this with their own exception and package list.
+    """
+    fail = error or GuestBuildError
     argv = [os.fspath(a) for a in args]
     log.debug("running %s", argv)
     env = dict(os.environ, LC_ALL="C", MTOOLS_SKIP_CHECK="1")
@@ -246,27 +253,32 @@ def _run(
             timeout=timeout,
         )
     except subprocess.TimeoutExpired as exc:
-        raise GuestBuildError(f"command timed out after {timeout:.0f}s: {' '.join(argv)}") from exc
+        raise fail(f"command timed out after {timeout:.0f}s: {' '.join(argv)}") from exc
     except FileNotFoundError as exc:
-        raise GuestBuildError(
+        raise fail(
             f"command not found: {argv[0]} (install the Debian packages "
-            f"{', '.join(BUILD_PACKAGES)})"
+            f"{', '.join(packages or BUILD_PACKAGES)})"
         ) from exc
     stdout = proc.stdout.decode(errors="replace")
     if proc.returncode != 0:
         stderr = proc.stderr.decode(errors="replace").strip()
-        raise GuestBuildError(
+        raise fail(
             f"command failed with exit code {proc.returncode}: {' '.join(argv)}\n"
             f"{stderr or stdout.strip()}"
         )
     return stdout
 
 
-def _first_existing(candidates: Iterable[Path], what: str, package: str) -> Path:
+def _first_existing(
+    candidates: Iterable[Path],
+    what: str,
+    package: str,
+    error: type[GuestBuildError] | None = None,
+) -> Path:
     for candidate in candidates:
         if candidate.is_file():
             return candidate
-    raise GuestBuildError(f"{what} not found (install the Debian package {package})")
+    raise (error or GuestBuildError)(f"{what} not found (install the Debian package {package})")
 
 
 # ----------------------------------------------------------------------- packages

@@ -147,6 +147,22 @@ class VolumeService:
         check_size(size)
         if fmt not in VOLUME_FORMATS:
             raise InvalidRequest(f"volume format must be one of {', '.join(VOLUME_FORMATS)}")
+        driver, path, volume_id = await self._reserve(pool_name, name, fmt, size)
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            self._undo_on_failure(ctx, driver, path, volume_id, f"the half-created volume {name}")
+            await ctx.log(f"creating a {fmt} volume of {size} bytes at {path}")
+            await driver.create(name, size, fmt)
+            return {"pool": pool_name, "volume": name, "path": str(path)}
+
+        return await self.ctx.runner.submit(
+            "volume.create", f"volume:{volume_id}", job, params={"name": f"{pool_name}/{name}"}
+        )
+
+    async def _reserve(
+        self, pool_name: str, name: str, fmt: str, size: int
+    ) -> tuple[PoolDriver, Path, int]:
+        """Record a new volume (so the name is taken at once); its file comes in the job."""
         async with self.ctx.sessions() as session:
             pool = await self._pool(session, pool_name)
             driver = self._driver(pool)
@@ -159,21 +175,16 @@ class VolumeService:
                 await session.commit()
             except IntegrityError:
                 raise Conflict(f"pool {pool_name} already has a volume {name!r}") from None
-            volume_id = volume.id
+            return driver, path, volume.id
 
-        async def job(ctx: JobContext) -> dict[str, Any]:
-            async def forget() -> None:
-                await driver.delete(path)
-                await self._forget(volume_id)
+    def _undo_on_failure(
+        self, ctx: JobContext, driver: PoolDriver, path: Path, volume_id: int, what: str
+    ) -> None:
+        async def forget() -> None:
+            await driver.delete(path)
+            await self._forget(volume_id)
 
-            ctx.on_rollback(f"remove the half-created volume {name}", forget)
-            await ctx.log(f"creating a {fmt} volume of {size} bytes at {path}")
-            await driver.create(name, size, fmt)
-            return {"pool": pool_name, "volume": name, "path": str(path)}
-
-        return await self.ctx.runner.submit(
-            "volume.create", f"volume:{volume_id}", job, params={"name": f"{pool_name}/{name}"}
-        )
+        ctx.on_rollback(f"remove {what}", forget)
 
     async def _forget(self, volume_id: int) -> None:
         async with self.ctx.sessions() as session:
@@ -358,30 +369,10 @@ class VolumeService:
             facts = await inspect.inspect_image(src, fmt)
         except inspect.UnsafeImage as exc:
             raise InvalidRequest(f"refusing to import {source}: {exc}") from None
-        async with self.ctx.sessions() as session:
-            pool = await self._pool(session, pool_name)
-            driver = self._driver(pool)
-            path = driver.volume_path(name, "qcow2")
-            volume = Volume(
-                pool_id=pool.id,
-                name=name,
-                format="qcow2",
-                path=str(path),
-                virtual_size=facts.virtual_size,
-            )
-            session.add(volume)
-            try:
-                await session.commit()
-            except IntegrityError:
-                raise Conflict(f"pool {pool_name} already has a volume {name!r}") from None
-            volume_id = volume.id
+        driver, path, volume_id = await self._reserve(pool_name, name, "qcow2", facts.virtual_size)
 
         async def job(ctx: JobContext) -> dict[str, Any]:
-            async def forget() -> None:
-                await driver.delete(path)
-                await self._forget(volume_id)
-
-            ctx.on_rollback(f"remove the half-imported volume {name}", forget)
+            self._undo_on_failure(ctx, driver, path, volume_id, f"the half-imported volume {name}")
             await ctx.log(f"converting {src} ({facts.format}, {facts.virtual_size} bytes) to qcow2")
             try:
                 await inspect.convert_image(src, facts, path, progress=ctx.progress)
