@@ -52,16 +52,20 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from vmhive.guest import tiny
+from vmhive.guest import buildkit
+from vmhive.guest.buildkit import (
+    CpioWriter,
+    ModuleIndex,
+    first_existing,
+    install_modules,
+    module_list,
+    run_command,
+)
 from vmhive.guest.tiny import (
     INITRD_NAME,
     KERNEL_NAME,
     SYSTEMD_BOOT_EFI_CANDIDATES,
     GuestBuildError,
-    _CpioWriter,
-    _install_modules,
-    _module_list,
-    _ModuleIndex,
     build_tiny_image,
     tiny_image_path,
     tiny_initrd_path,
@@ -150,13 +154,11 @@ def _run(
     args: Sequence[str | os.PathLike[str]], *, cwd: Path | None = None, timeout: float = 600
 ) -> str:
     """Run a command, return its stdout; raise InstallerBuildError on any failure."""
-    return tiny._run(
-        args, cwd=cwd, timeout=timeout, error=InstallerBuildError, packages=BUILD_PACKAGES
-    )
+    return run_command(args, cwd=cwd, timeout=timeout, error=InstallerBuildError)
 
 
 def _first_existing(candidates: Sequence[Path], what: str, package: str) -> Path:
-    return tiny._first_existing(candidates, what, package, error=InstallerBuildError)
+    return first_existing(candidates, what, package, error=InstallerBuildError)
 
 
 def _read_file(name: str) -> str:
@@ -203,6 +205,7 @@ def _cache_key(tiny_build_id: str, binaries: dict[str, Path]) -> str:
     h = hashlib.sha256(b"tiny\0" + tiny_build_id.encode())
     h.update(b"\0installer.py\0")
     h.update(Path(__file__).read_bytes())
+    h.update(Path(buildkit.__file__).read_bytes())  # the cpio writer and module index
     if not FILES_DIR.is_dir():
         raise InstallerBuildError(f"installer files directory {FILES_DIR} missing")
     for path in sorted(p for p in FILES_DIR.iterdir() if p.is_file()):
@@ -386,11 +389,11 @@ def _make_installer_initrd(
 
     # Replace the modules: the tiny initramfs lacks the CD-ROM and ISO 9660 ones.
     shutil.rmtree(tree / "lib" / "modules", ignore_errors=True)
-    index = _ModuleIndex.load(modules_dir)
+    index = ModuleIndex.load(modules_dir)
     modules = index.closure(INSTALLER_MODULES)
-    _install_modules(index, version, modules, tree)
+    install_modules(index, version, modules, tree)
     (tree / "etc" / "vmhive").mkdir(parents=True, exist_ok=True)
-    (tree / "etc" / "vmhive" / "modules").write_text(_module_list(modules))
+    (tree / "etc" / "vmhive" / "modules").write_text(module_list(modules))
 
     init = tree / "init"
     init.unlink(missing_ok=True)
@@ -405,7 +408,7 @@ def _make_installer_initrd(
     )
     (tree / "etc" / "vmhive" / "installer.conf").write_text(conf)
 
-    writer = _CpioWriter()
+    writer = CpioWriter()
     writer.add_tree(tree)
     for dev in devices:
         writer.add_char_device(dev.name, dev.perms, dev.major, dev.minor)

@@ -37,21 +37,29 @@ from __future__ import annotations
 import argparse
 import contextlib
 import fcntl
-import fnmatch
 import gzip
 import hashlib
 import json
 import logging
-import lzma
 import os
 import shutil
-import stat
-import subprocess
 import sys
 import tempfile
-from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
+
+from vmhive.guest import buildkit
+from vmhive.guest.buildkit import (
+    CpioWriter,
+    GuestBuildError,
+    ModuleIndex,
+    first_existing,
+    install_modules,
+    module_list,
+    prepare_kernel,
+    run_command,
+)
 
 #: Debian packages the build needs on the host (besides Python).
 BUILD_PACKAGES: tuple[str, ...] = (
@@ -199,10 +207,6 @@ INITRAMFS_DIRS = (
 log = logging.getLogger(__name__)
 
 
-class GuestBuildError(RuntimeError):
-    """Building the tiny guest image failed."""
-
-
 # --------------------------------------------------------------------------- paths
 
 
@@ -224,63 +228,6 @@ def tiny_initrd_path(dest: Path) -> Path:
 # --------------------------------------------------------------------- subprocess
 
 
-def _run(
-    args: Sequence[str | os.PathLike[str]],
-    *,
-    cwd: Path | None = None,
-    input_bytes: bytes | None = None,
-    timeout: float = 600,
-    error: type[GuestBuildError] | None = None,
-    packages: Sequence[str] | None = None,
-) -> str:
-    """Run a command, return its stdout; raise `error` (GuestBuildError) on any failure.
-
-    `error` and `packages` let other image builders (the installer ISO) reuse
-    this with their own exception and package list.
-    """
-    fail = error or GuestBuildError
-    argv = [os.fspath(a) for a in args]
-    log.debug("running %s", argv)
-    env = dict(os.environ, LC_ALL="C", MTOOLS_SKIP_CHECK="1")
-    try:
-        proc = subprocess.run(
-            argv,
-            cwd=cwd,
-            input=input_bytes,
-            capture_output=True,
-            check=False,
-            env=env,
-            timeout=timeout,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise fail(f"command timed out after {timeout:.0f}s: {' '.join(argv)}") from exc
-    except FileNotFoundError as exc:
-        raise fail(
-            f"command not found: {argv[0]} (install the Debian packages "
-            f"{', '.join(packages or BUILD_PACKAGES)})"
-        ) from exc
-    stdout = proc.stdout.decode(errors="replace")
-    if proc.returncode != 0:
-        stderr = proc.stderr.decode(errors="replace").strip()
-        raise fail(
-            f"command failed with exit code {proc.returncode}: {' '.join(argv)}\n"
-            f"{stderr or stdout.strip()}"
-        )
-    return stdout
-
-
-def _first_existing(
-    candidates: Iterable[Path],
-    what: str,
-    package: str,
-    error: type[GuestBuildError] | None = None,
-) -> Path:
-    for candidate in candidates:
-        if candidate.is_file():
-            return candidate
-    raise (error or GuestBuildError)(f"{what} not found (install the Debian package {package})")
-
-
 # ----------------------------------------------------------------------- packages
 
 
@@ -300,7 +247,7 @@ class _Packages:
 def _candidate_fields(*packages: str) -> dict[str, dict[str, str]]:
     """Fields of the candidate versions of *packages*, from one apt-cache call."""
     try:
-        out = _run(["apt-cache", "show", "--no-all-versions", *packages])
+        out = run_command(["apt-cache", "show", "--no-all-versions", *packages])
     except GuestBuildError as exc:
         raise GuestBuildError(
             f"cannot look up {', '.join(packages)} (run 'apt-get update' first?): {exc}"
@@ -358,7 +305,7 @@ def _download(packages: _Packages, debs: Path) -> dict[str, Path]:
             args.append(f"{name}={version}")
             log.info("downloading %s=%s", name, version)
             try:
-                _run(args, cwd=debs, timeout=1800)
+                run_command(args, cwd=debs, timeout=1800)
             except GuestBuildError as exc:
                 raise GuestBuildError(
                     f"cannot download {name}={version} (stale apt lists? run 'apt-get update'): "
@@ -382,188 +329,11 @@ def _find_deb(debs: Path, name: str, version: str) -> Path | None:
 
 def _extract(deb: Path, target: Path) -> Path:
     target.mkdir(parents=True, exist_ok=True)
-    _run(["dpkg-deb", "-x", deb, target])
+    run_command(["dpkg-deb", "-x", deb, target])
     return target
 
 
 # ------------------------------------------------------------------------ modules
-
-
-def _norm(name: str) -> str:
-    return name.replace("-", "_")
-
-
-def _module_name(relpath: str) -> str:
-    base = relpath.rsplit("/", 1)[-1]
-    for suffix in (".ko.xz", ".ko.zst", ".ko.gz", ".ko"):
-        if base.endswith(suffix):
-            base = base[: -len(suffix)]
-            break
-    return _norm(base)
-
-
-@dataclass
-class _ModuleIndex:
-    """The kernel package's module metadata (modules.dep, .alias, .softdep, .builtin)."""
-
-    moddir: Path
-    deps: dict[str, list[str]] = field(default_factory=dict)  # relpath -> relpaths
-    by_name: dict[str, str] = field(default_factory=dict)  # name -> relpath
-    aliases: list[tuple[str, str]] = field(default_factory=list)  # (pattern, name)
-    softdeps: dict[str, list[str]] = field(default_factory=dict)  # name -> names
-    builtin: set[str] = field(default_factory=set)
-
-    @classmethod
-    def load(cls, moddir: Path) -> _ModuleIndex:
-        index = cls(moddir)
-        dep_file = moddir / "modules.dep"
-        if not dep_file.is_file():
-            raise GuestBuildError(f"{dep_file} missing (depmod failed?)")
-        for line in dep_file.read_text().splitlines():
-            if ":" not in line:
-                continue
-            mod, _, rest = line.partition(":")
-            mod = mod.strip()
-            index.deps[mod] = rest.split()
-            index.by_name[_module_name(mod)] = mod
-        alias_file = moddir / "modules.alias"
-        if alias_file.is_file():
-            for line in alias_file.read_text().splitlines():
-                parts = line.split()
-                if len(parts) == 3 and parts[0] == "alias":
-                    index.aliases.append((parts[1], _norm(parts[2])))
-        softdep_file = moddir / "modules.softdep"
-        if softdep_file.is_file():
-            for line in softdep_file.read_text().splitlines():
-                parts = line.split()
-                if len(parts) < 3 or parts[0] != "softdep":
-                    continue
-                names = [p for p in parts[2:] if p not in ("pre:", "post:")]
-                index.softdeps.setdefault(_norm(parts[1]), []).extend(names)
-        builtin_file = moddir / "modules.builtin"
-        if builtin_file.is_file():
-            for line in builtin_file.read_text().splitlines():
-                if line.strip():
-                    index.builtin.add(_module_name(line.strip()))
-        return index
-
-    def lookup(self, name: str) -> list[str]:
-        """Module relpaths providing *name* (module name or alias); [] if built in."""
-        norm = _norm(name)
-        if norm in self.by_name:
-            return [self.by_name[norm]]
-        if norm in self.builtin:
-            return []
-        matches = sorted(
-            {
-                mod
-                for pattern, mod in self.aliases
-                if fnmatch.fnmatchcase(name, pattern) or fnmatch.fnmatchcase(norm, pattern)
-            }
-        )
-        paths = [self.by_name[m] for m in matches if m in self.by_name]
-        if paths or any(m in self.builtin for m in matches):
-            return paths
-        raise GuestBuildError(f"kernel module {name!r} not found in {self.moddir}")
-
-    def closure(self, names: Iterable[str]) -> list[tuple[str, bool]]:
-        """*names* plus their hard and soft dependencies, dependencies first.
-
-        Returns (relpath, required) pairs. Modules pulled in only as soft
-        dependencies (e.g. CPU-specific crypto like crc32c_intel, which cannot
-        load on every CPU) are not required.
-        """
-        ordered: list[str] = []
-        required: dict[str, bool] = {}
-
-        def visit(relpath: str, req: bool, stack: tuple[str, ...]) -> None:
-            if relpath in required:
-                if req and not required[relpath]:
-                    required[relpath] = True
-                    for dep in self.deps.get(relpath, []):
-                        visit(dep, True, (*stack, relpath))
-                return
-            if relpath in stack:
-                raise GuestBuildError(f"module dependency loop: {' -> '.join(stack)}")
-            for softdep in self.softdeps.get(_module_name(relpath), []):
-                for dep in self.lookup(softdep):
-                    visit(dep, False, (*stack, relpath))
-            # modules.dep lists the full closure; the last entries are the deepest.
-            for dep in reversed(self.deps.get(relpath, [])):
-                visit(dep, req, (*stack, relpath))
-            required[relpath] = req
-            ordered.append(relpath)
-
-        for name in names:
-            for relpath in self.lookup(name):
-                visit(relpath, True, ())
-        return [(relpath, required[relpath]) for relpath in ordered]
-
-
-def _find_moddir(kernel_root: Path) -> tuple[str, Path]:
-    for base in (kernel_root / "lib" / "modules", kernel_root / "usr" / "lib" / "modules"):
-        if base.is_dir():
-            versions = sorted(p for p in base.iterdir() if p.is_dir())
-            if len(versions) == 1:
-                return versions[0].name, versions[0]
-            if versions:
-                raise GuestBuildError(f"several kernel versions in {base}: {versions}")
-    raise GuestBuildError(f"no lib/modules/<version> directory in {kernel_root}")
-
-
-def _prepare_kernel(kernel_root: Path) -> tuple[str, Path, _ModuleIndex]:
-    """Return (kernel version, vmlinuz path, module index) of an unpacked kernel package."""
-    version, moddir = _find_moddir(kernel_root)
-    vmlinuz = kernel_root / "boot" / f"vmlinuz-{version}"
-    if not vmlinuz.is_file():
-        raise GuestBuildError(f"{vmlinuz} missing from the kernel package")
-    if moddir.parent != kernel_root / "lib" / "modules":
-        # depmod -b BASE looks in BASE/lib/modules
-        (kernel_root / "lib" / "modules").mkdir(parents=True, exist_ok=True)
-        (kernel_root / "lib" / "modules" / version).symlink_to(moddir)
-        moddir = kernel_root / "lib" / "modules" / version
-    if not (moddir / "modules.dep").is_file():
-        # Debian's package leaves modules.dep to its postinst: generate it here.
-        _run(["depmod", "-b", kernel_root, version])
-    return version, vmlinuz, _ModuleIndex.load(moddir)
-
-
-def _install_modules(
-    index: _ModuleIndex, version: str, modules: Sequence[tuple[str, bool]], root: Path
-) -> None:
-    """Copy (decompressing) *relpaths* into ROOT/lib/modules/VERSION and run depmod."""
-    target = root / "lib" / "modules" / version
-    target.mkdir(parents=True, exist_ok=True)
-    for name in ("modules.builtin", "modules.builtin.modinfo"):
-        if (index.moddir / name).is_file():
-            shutil.copyfile(index.moddir / name, target / name)
-    for relpath, _required in modules:
-        src = index.moddir / relpath
-        base = relpath
-        for suffix in (".xz", ".zst", ".gz"):
-            if relpath.endswith(".ko" + suffix):
-                base = relpath[: -len(suffix)]
-        dst = target / base
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        if relpath.endswith(".ko.xz"):
-            with lzma.open(src) as fin, dst.open("wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        elif relpath.endswith(".ko.gz"):
-            with gzip.open(src) as fin, dst.open("wb") as fout:
-                shutil.copyfileobj(fin, fout)
-        elif relpath.endswith(".ko.zst"):
-            _run(["zstd", "-q", "-d", "-f", "-o", dst, src])
-        else:
-            shutil.copyfile(src, dst)
-        dst.chmod(0o644)
-    _run(["depmod", "-b", root, version])
-    if not (target / "modules.dep").is_file():
-        raise GuestBuildError(f"depmod produced no modules.dep in {target}")
-
-
-def _module_list(modules: Iterable[tuple[str, bool]]) -> str:
-    """Load list for the guest scripts: one module a line, 'optional' if it may fail."""
-    return "".join(f"{_module_name(r)}{'' if req else ' optional'}\n" for r, req in modules)
 
 
 # ------------------------------------------------------------------------ trees
@@ -592,7 +362,7 @@ def _install_busybox(busybox: Path, root: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     shutil.copyfile(busybox, target)
     target.chmod(0o755)
-    applets = _run([busybox, "--list-full"]).split()
+    applets = run_command([busybox, "--list-full"]).split()
     if "sbin/init" not in applets or "bin/sh" not in applets:
         raise GuestBuildError(f"{busybox} lacks the init or sh applet")
     for applet in applets:
@@ -606,7 +376,7 @@ def _install_busybox(busybox: Path, root: Path) -> None:
 
 
 def _make_root_tree(
-    root: Path, busybox: Path, index: _ModuleIndex, version: str, build_id: str
+    root: Path, busybox: Path, index: ModuleIndex, version: str, build_id: str
 ) -> None:
     for d in ROOT_DIRS:
         (root / d).mkdir(parents=True, exist_ok=True)
@@ -620,85 +390,26 @@ def _make_root_tree(
     _write(root, "etc/hosts", "127.0.0.1\tlocalhost\n127.0.1.1\tvmhive-guest\n", 0o644)
     _write(root, "etc/vmhive/image", f"{build_id}\n", 0o644)
     modules = index.closure(ROOT_MODULES)
-    _install_modules(index, version, modules, root)
-    _write(root, "etc/vmhive/modules", _module_list(modules), 0o644)
+    install_modules(index, version, modules, root)
+    _write(root, "etc/vmhive/modules", module_list(modules), 0o644)
 
 
-def _make_initramfs_tree(tree: Path, busybox: Path, index: _ModuleIndex, version: str) -> None:
+def _make_initramfs_tree(tree: Path, busybox: Path, index: ModuleIndex, version: str) -> None:
     for d in INITRAMFS_DIRS:
         (tree / d).mkdir(parents=True, exist_ok=True)
     _install_busybox(busybox, tree)
     for name, (relpath, mode) in INITRAMFS_FILES.items():
         _write(tree, relpath, _read_file(name), mode)
     modules = index.closure(INITRAMFS_MODULES)
-    _install_modules(index, version, modules, tree)
-    _write(tree, "etc/vmhive/modules", _module_list(modules), 0o644)
+    install_modules(index, version, modules, tree)
+    _write(tree, "etc/vmhive/modules", module_list(modules), 0o644)
 
 
 # ------------------------------------------------------------------------- cpio
 
 
-class _CpioWriter:
-    """Minimal deterministic cpio 'newc' archive writer (what the kernel unpacks)."""
-
-    def __init__(self) -> None:
-        self._chunks: list[bytes] = []
-        self._ino = 1
-
-    def _entry(
-        self,
-        name: str,
-        mode: int,
-        data: bytes = b"",
-        nlink: int = 1,
-        rdev: tuple[int, int] = (0, 0),
-    ) -> None:
-        encoded = name.encode() + b"\0"
-        fields = (
-            self._ino,
-            mode,
-            0,  # uid
-            0,  # gid
-            nlink,
-            0,  # mtime
-            len(data),
-            0,  # dev major
-            0,  # dev minor
-            rdev[0],
-            rdev[1],
-            len(encoded),
-            0,  # check
-        )
-        self._ino += 1
-        header = b"070701" + b"".join(f"{v:08x}".encode() for v in fields)
-        self._chunks.append(header + encoded + b"\0" * ((4 - (len(header) + len(encoded)) % 4) % 4))
-        self._chunks.append(data + b"\0" * ((4 - len(data) % 4) % 4))
-
-    def add_tree(self, tree: Path) -> None:
-        for path in sorted(tree.rglob("*"), key=lambda p: p.relative_to(tree).parts):
-            name = path.relative_to(tree).as_posix()
-            st = path.lstat()
-            perms = stat.S_IMODE(st.st_mode)
-            if stat.S_ISLNK(st.st_mode):
-                self._entry(name, stat.S_IFLNK | 0o777, os.readlink(path).encode())
-            elif stat.S_ISDIR(st.st_mode):
-                self._entry(name, stat.S_IFDIR | perms, nlink=2)
-            elif stat.S_ISREG(st.st_mode):
-                self._entry(name, stat.S_IFREG | perms, path.read_bytes())
-            else:
-                raise GuestBuildError(f"unsupported file type in initramfs tree: {path}")
-
-    def add_char_device(self, name: str, perms: int, major: int, minor: int) -> None:
-        self._entry(name, stat.S_IFCHR | perms, rdev=(major, minor))
-
-    def finish(self) -> bytes:
-        self._entry("TRAILER!!!", 0, nlink=1)
-        data = b"".join(self._chunks)
-        return data + b"\0" * ((512 - len(data) % 512) % 512)
-
-
 def _make_initramfs(tree: Path, output: Path) -> None:
-    writer = _CpioWriter()
+    writer = CpioWriter()
     writer.add_tree(tree)
     # The kernel opens /dev/console before running /init, before devtmpfs is up.
     writer.add_char_device("dev/console", 0o600, 5, 1)
@@ -713,9 +424,7 @@ def _boot_files(kernel: Path, initrd: Path) -> dict[str, Path | str]:
     files: dict[str, Path | str] = {KERNEL_NAME: kernel, INITRD_NAME: initrd}
     for name, relpath in BOOT_FILES.items():
         files[relpath] = _read_file(name).replace("@CMDLINE@", KERNEL_CMDLINE)
-    efi = _first_existing(
-        SYSTEMD_BOOT_EFI_CANDIDATES, "systemd-boot EFI binary", "systemd-boot-efi"
-    )
+    efi = first_existing(SYSTEMD_BOOT_EFI_CANDIDATES, "systemd-boot EFI binary", "systemd-boot-efi")
     files["EFI/BOOT/BOOTX64.EFI"] = efi
     return files
 
@@ -723,7 +432,7 @@ def _boot_files(kernel: Path, initrd: Path) -> dict[str, Path | str]:
 def _make_boot_fs(image: Path, size_bytes: int, files: dict[str, Path | str], work: Path) -> None:
     with image.open("wb") as f:
         f.truncate(size_bytes)
-    _run(
+    run_command(
         [
             "mkfs.vfat",
             "-F",
@@ -741,7 +450,7 @@ def _make_boot_fs(image: Path, size_bytes: int, files: dict[str, Path | str], wo
         ]
     )
     # BIOS: ldlinux.sys/ldlinux.c32 + boot sector (needs the hidden sectors above)
-    _run(["syslinux", "--install", image])
+    run_command(["syslinux", "--install", image])
     staging = work / "bootfs"
     dirs: set[str] = set()
     for relpath, content in sorted(files.items()):
@@ -756,15 +465,15 @@ def _make_boot_fs(image: Path, size_bytes: int, files: dict[str, Path | str], wo
         else:
             local.write_text(content)
     for d in sorted(dirs, key=lambda p: p.count("/")):
-        _run(["mmd", "-i", image, f"::/{d}"])
+        run_command(["mmd", "-i", image, f"::/{d}"])
     for relpath in sorted(files):
-        _run(["mcopy", "-o", "-i", image, staging / relpath, f"::/{relpath}"])
+        run_command(["mcopy", "-o", "-i", image, staging / relpath, f"::/{relpath}"])
 
 
 def _make_root_fs(image: Path, size_bytes: int, tree: Path) -> None:
     with image.open("wb") as f:
         f.truncate(size_bytes)
-    _run(
+    run_command(
         [
             "mkfs.ext4",
             "-q",
@@ -812,8 +521,10 @@ def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
         f"start={BOOT_PART_START_SECTOR}, size={boot_sectors}, type=ef, bootable\n"
         f"start={root_start}, size={root_sectors}, type=83\n"
     )
-    _run(["sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw], input_bytes=table.encode())
-    mbr = _first_existing(SYSLINUX_MBR_CANDIDATES, "syslinux mbr.bin", "syslinux-common")
+    run_command(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw], input_bytes=table.encode()
+    )
+    mbr = first_existing(SYSLINUX_MBR_CANDIDATES, "syslinux mbr.bin", "syslinux-common")
     code = mbr.read_bytes()
     if len(code) > 440:
         raise GuestBuildError(f"{mbr} is larger than the 440-byte MBR boot code area")
@@ -829,8 +540,9 @@ def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
 def _inputs_digest() -> str:
     """Hash of the builder source and the guest files directory."""
     h = hashlib.sha256()
-    h.update(b"tiny.py\0")
-    h.update(Path(__file__).read_bytes())
+    for source in (Path(__file__), Path(buildkit.__file__)):
+        h.update(source.name.encode() + b"\0")
+        h.update(source.read_bytes())
     if not FILES_DIR.is_dir():
         raise GuestBuildError(f"guest files directory {FILES_DIR} missing")
     for path in sorted(p for p in FILES_DIR.iterdir() if p.is_file()):
@@ -924,7 +636,7 @@ def _build(dest: Path, work: Path, packages: _Packages, inputs: str, build_id: s
     busybox = busybox_root / "bin" / "busybox"
     if not busybox.is_file():
         raise GuestBuildError(f"{busybox} missing from the {BUSYBOX_PACKAGE} package")
-    version, vmlinuz, index = _prepare_kernel(kernel_root)
+    version, vmlinuz, index = prepare_kernel(kernel_root)
     log.info("kernel %s (%s %s)", version, packages.kernel, packages.kernel_version)
 
     initramfs_tree = work / "initramfs"
@@ -952,7 +664,9 @@ def _build(dest: Path, work: Path, packages: _Packages, inputs: str, build_id: s
 
     stage = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=dest))
     try:
-        _run(["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, stage / IMAGE_NAME])
+        run_command(
+            ["qemu-img", "convert", "-q", "-f", "raw", "-O", "qcow2", raw, stage / IMAGE_NAME]
+        )
         shutil.copyfile(vmlinuz, stage / KERNEL_NAME)
         shutil.copyfile(initrd, stage / INITRD_NAME)
         for name in (IMAGE_NAME, KERNEL_NAME, INITRD_NAME):
