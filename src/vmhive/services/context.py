@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import shutil
 from dataclasses import dataclass
 from typing import Any
 
@@ -38,6 +40,22 @@ class ServiceContext:
     async def load_vm_by_uuid(self, vm_uuid: str) -> Vm | None:
         async with self.sessions() as session:
             return await _one_vm(session, Vm.uuid == vm_uuid)
+
+    async def discard_vm(self, vm_uuid: str, *, deleted_event: bool = False) -> None:
+        """Remove a VM's own files (disks, firmware variables) and its record.
+
+        Serves the rollback of a half-made VM and the end of a deletion alike;
+        safe to run twice.
+        """
+        await asyncio.to_thread(shutil.rmtree, self.settings.vms_dir / vm_uuid, True)
+        async with self.sessions() as session:
+            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
+            if vm is not None:
+                if deleted_event:
+                    message = f"{vm.name}: deleted"
+                    session.add(Event(vm_uuid=vm_uuid, kind="delete", message=message))
+                await session.delete(vm)
+            await session.commit()
 
     async def record_state(
         self,

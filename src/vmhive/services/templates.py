@@ -123,12 +123,7 @@ class TemplateService:
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             async def remove() -> None:
-                shutil.rmtree(directory, ignore_errors=True)
-                async with self.ctx.sessions() as session:
-                    row = await session.scalar(select(Vm).where(Vm.uuid == new_uuid))
-                    if row is not None:
-                        await session.delete(row)
-                        await session.commit()
+                await self.ctx.discard_vm(new_uuid)
 
             ctx.on_rollback(f"remove the half-made clone {name}", remove)
             directory.mkdir(parents=True)

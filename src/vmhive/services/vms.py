@@ -176,12 +176,7 @@ class VmService:
         directory = settings.vms_dir / vm_uuid
 
         async def remove_vm() -> None:
-            shutil.rmtree(directory, ignore_errors=True)
-            async with self.ctx.sessions() as session:
-                vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
-                if vm is not None:
-                    await session.delete(vm)
-                    await session.commit()
+            await self.ctx.discard_vm(vm_uuid)
 
         ctx.on_rollback(f"remove the half-created VM {req.name}", remove_vm)
         directory.mkdir(parents=True, exist_ok=False)
@@ -304,10 +299,4 @@ class VmService:
     async def finish_delete(self, vm_uuid: str) -> None:
         """Remove every file a VM owns, then its record. Safe to run twice."""
         await self.ctx.driver.cleanup(vm_uuid, specs.runtime_paths(self.ctx.settings, vm_uuid))
-        await asyncio.to_thread(shutil.rmtree, self.ctx.settings.vms_dir / vm_uuid, True)
-        async with self.ctx.sessions() as session:
-            vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
-            if vm is not None:
-                session.add(Event(vm_uuid=vm_uuid, kind="delete", message=f"{vm.name}: deleted"))
-                await session.delete(vm)
-            await session.commit()
+        await self.ctx.discard_vm(vm_uuid, deleted_event=True)

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -68,14 +68,13 @@ class VolumeService:
     async def pools(self) -> list[tuple[Pool, Capacity, int]]:
         async with self.ctx.sessions() as session:
             rows = list(await session.scalars(select(Pool).order_by(Pool.name)))
-            counts = {
-                pool.id: len(
-                    list(await session.scalars(select(Volume.id).where(Volume.pool_id == pool.id)))
-                )
-                for pool in rows
-            }
+            grouped = await session.execute(
+                select(Volume.pool_id, func.count()).group_by(Volume.pool_id)
+            )
+            counts: dict[int, int] = dict(grouped.tuples().all())
         return [
-            (pool, driver_for(pool.type, pool.path).capacity(), counts[pool.id]) for pool in rows
+            (pool, driver_for(pool.type, pool.path).capacity(), counts.get(pool.id, 0))
+            for pool in rows
         ]
 
     async def pool(self, name: str) -> tuple[Pool, Capacity, int]:
