@@ -5,6 +5,7 @@ PACKAGES=(
   qemu-system-x86 qemu-utils ovmf seabios
   busybox-static cpio kmod dosfstools mtools syslinux syslinux-common
   e2fsprogs fdisk systemd-boot-efi xz-utils zstd xorriso isolinux
+  debootstrap dnsmasq-base nftables iproute2 iputils-ping openssh-client
 )
 missing=()
 for p in "${PACKAGES[@]}"; do

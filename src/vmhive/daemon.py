@@ -7,12 +7,10 @@ import contextlib
 import logging
 import os
 import secrets
-import shutil
 import signal
 import socket
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import uvicorn
 from sqlalchemy import func, select
@@ -25,10 +23,12 @@ from vmhive.guest import tiny
 from vmhive.hypervisor.base import Driver
 from vmhive.hypervisor.qemu.accel import choose_accel
 from vmhive.hypervisor.qemu.driver import QemuDriver
-from vmhive.jobs.runner import JobContext, JobError, JobRunner
+from vmhive.jobs.runner import JobRunner
+from vmhive.services.cloudinit import CloudInitService
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
 from vmhive.services.host import HostInfo, pinned_machines, qemu_version
+from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
 from vmhive.services.templates import TemplateService
@@ -40,7 +40,6 @@ from vmhive.store.models import Setting, Vm
 log = logging.getLogger("vmhive")
 
 DEMO_SETTING = "demo.created"
-TINY_ARTIFACTS = (tiny.IMAGE_NAME, tiny.KERNEL_NAME, tiny.INITRD_NAME, tiny.STAMP_NAME)
 
 
 def ensure_token(path: Path) -> str:
@@ -94,6 +93,8 @@ class Daemon:
         self.vms = VmService(self.ctx, self.lifecycle)
         self.volumes = VolumeService(self.ctx)
         self.media = MediaService(self.ctx)
+        self.images = ImageService(self.ctx)
+        self.cloudinit = CloudInitService(self.ctx)
         self.templates = TemplateService(self.ctx, self.lifecycle)
         await self.volumes.ensure_default_pool()
         self.agent = Agent(self.ctx, self.vms, self.lifecycle)
@@ -113,32 +114,6 @@ class Daemon:
         rows = await session.execute(select(Vm.state, func.count()).group_by(Vm.state))
         return {state: count for state, count in rows.tuples()}
 
-    # -- images -------------------------------------------------------------------
-
-    async def build_tiny(self) -> str:
-        async def job(ctx: JobContext) -> dict[str, Any]:
-            await ctx.log(f"building the tiny guest image into {self.settings.images}")
-            try:
-                path = await asyncio.to_thread(self._build_tiny_files)
-            except tiny.GuestBuildError as exc:
-                raise JobError(f"tiny image build failed: {exc}") from exc
-            await ctx.log(f"image ready: {path}")
-            return {"image": "tiny", "path": str(path)}
-
-        return await self.runner.submit("image.build-tiny", "image:tiny", job)
-
-    def _build_tiny_files(self) -> Path:
-        """Build into the image dir, or copy from a prebuilt seed (VMHIVE_IMAGE_SEED)."""
-        images = self.settings.images
-        seed = os.environ.get("VMHIVE_IMAGE_SEED")
-        if seed and Path(seed).resolve() != images.resolve():
-            built = tiny.build_tiny_image(Path(seed))
-            for name in TINY_ARTIFACTS:
-                shutil.copyfile(built.parent / name, images / (name + ".tmp"))
-                (images / (name + ".tmp")).replace(images / name)
-            return images / tiny.IMAGE_NAME
-        return tiny.build_tiny_image(images)
-
     # -- first start ------------------------------------------------------------
 
     async def create_demo(self) -> None:
@@ -148,9 +123,9 @@ class Daemon:
                 return
             session.add(Setting(key=DEMO_SETTING, value="1"))
             await session.commit()
-        if await self.vms.images.get("tiny") is None:
+        if await self.images.get("tiny") is None:
             log.info("building the tiny guest image for the demo VM (first start only)")
-            job_id = await self.build_tiny()
+            job_id = await self.images.build("tiny")
             await self.runner.wait(job_id, 1800)
         try:
             job_id = await self.vms.create(

@@ -142,6 +142,7 @@ def test_images_listed(hive: Hive) -> None:
     images = hive.cli("image", "list", "--output", "json").json()
     tiny = next(i for i in images if i["name"] == "tiny")
     assert tiny["format"] == "qcow2" and tiny["virtual_size"] > tiny["actual_size"] > 0
+    assert tiny["origin"] == "tiny" and len(tiny["sha256"]) == 64
 
 
 def test_job_commands_wait_and_cancel(hive: Hive) -> None:
@@ -169,7 +170,7 @@ def test_job_commands_wait_and_cancel(hive: Hive) -> None:
 def test_build_tiny_through_the_daemon_reuses_the_cached_image(hive: Hive) -> None:
     image = hive.image_dir / "tiny.qcow2"
     before = image.stat().st_mtime_ns
-    result = hive.cli("image", "build-tiny")
+    result = hive.cli("image", "build", "tiny")
     assert "image tiny ready" in result.out
     assert image.stat().st_mtime_ns == before, "a current image is not rebuilt"
 

@@ -55,7 +55,7 @@ class BearerAuth:
 
 
 def create_app(daemon: Daemon) -> FastAPI:
-    from vmhive.api import routes_host, routes_jobs, routes_storage, routes_vms
+    from vmhive.api import routes_host, routes_images, routes_jobs, routes_storage, routes_vms
 
     app = FastAPI(
         title="vmhive",
@@ -76,6 +76,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         return JSONResponse({"detail": f"no job with id {exc}"}, status_code=404)
 
     app.include_router(routes_host.router, prefix="/api")
+    app.include_router(routes_images.router, prefix="/api")
     # Before the VMs' router: /vms/{vm}/disks must win over /vms/{name}/{action}.
     app.include_router(routes_storage.router, prefix="/api")
     app.include_router(routes_vms.router, prefix="/api")

@@ -1,14 +1,12 @@
-"""Host information and images."""
+"""Host information."""
 
 from __future__ import annotations
 
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse
 
-from vmhive.api.deps import daemon_of, job_response
-from vmhive.api.schemas import ImageOut
+from vmhive.api.deps import daemon_of
 
 router = APIRouter(tags=["host"])
 
@@ -22,25 +20,3 @@ async def host_info(request: Request) -> dict[str, Any]:
     info["data_dir"] = str(daemon.settings.data_dir)
     info["image_dir"] = str(daemon.settings.images)
     return info
-
-
-@router.get("/images", response_model=list[ImageOut])
-async def list_images(request: Request) -> list[ImageOut]:
-    daemon = daemon_of(request)
-    return [
-        ImageOut(
-            name=i.name,
-            path=str(i.path),
-            format=i.format,
-            virtual_size=i.virtual_size,
-            actual_size=i.actual_size,
-        )
-        for i in await daemon.vms.images.list()
-    ]
-
-
-@router.post("/images/tiny", status_code=202)
-async def build_tiny(request: Request, wait: bool = False) -> JSONResponse:
-    """Build (or refresh) the tiny test guest image from Debian packages."""
-    daemon = daemon_of(request)
-    return await job_response(daemon, await daemon.build_tiny(), wait)

@@ -56,7 +56,7 @@ class VolumeCreate(BaseModel):
 
 class VolumeImport(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str | None = None
     source: str
     format: str = "auto"
 

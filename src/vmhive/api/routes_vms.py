@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from typing import Any
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
 from fastapi.responses import JSONResponse, Response
 from sqlalchemy import select
 
 from vmhive.api.deps import daemon_of, job_response
-from vmhive.api.schemas import VmClone, VmCreate, VmEdit, VmOut
+from vmhive.api.schemas import CloudInitIn, VmClone, VmCreate, VmEdit, VmOut
 from vmhive.services import specs
 from vmhive.services.errors import InvalidRequest
 from vmhive.services.vms import CreateVmRequest, DiskRequest, EditVmRequest
@@ -43,8 +44,10 @@ async def list_vms(request: Request) -> list[VmOut]:
 @router.post("/vms", status_code=202)
 async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSONResponse:
     daemon = daemon_of(request)
+    settings = body.cloud_init_settings
     req = CreateVmRequest(
-        **body.model_dump(exclude={"disks"}),
+        **body.model_dump(exclude={"disks", "cloud_init_settings"}),
+        cloud_init_settings=settings.to_config() if settings else None,
         disks=[
             DiskRequest(
                 size=None if d.size is None else parse_size_field(d.size),
@@ -88,6 +91,26 @@ async def clone_vm(request: Request, name: str, body: VmClone, wait: bool = Fals
     daemon = daemon_of(request)
     job = await daemon.templates.clone(name, body.name, linked=body.linked, start=body.start)
     return await job_response(daemon, job, wait)
+
+
+@router.get("/vms/{name}/cloud-init")
+async def show_cloud_init(request: Request, name: str) -> dict[str, Any]:
+    """The settings, the instance-id and the seed's files exactly as the guest reads them."""
+    return await daemon_of(request).cloudinit.show(name)
+
+
+@router.put("/vms/{name}/cloud-init", status_code=202)
+async def set_cloud_init(
+    request: Request, name: str, body: CloudInitIn, wait: bool = False
+) -> JSONResponse:
+    daemon = daemon_of(request)
+    return await job_response(daemon, await daemon.cloudinit.set(name, body.to_config()), wait)
+
+
+@router.delete("/vms/{name}/cloud-init", status_code=202)
+async def remove_cloud_init(request: Request, name: str, wait: bool = False) -> JSONResponse:
+    daemon = daemon_of(request)
+    return await job_response(daemon, await daemon.cloudinit.disable(name), wait)
 
 
 @router.post("/vms/{name}/{action}", status_code=202)

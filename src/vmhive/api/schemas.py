@@ -7,6 +7,10 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from vmhive.services.cloudinit import seed_of
+from vmhive.services.errors import InvalidRequest
+from vmhive.storage.cloudinit import CloudInitConfig, CloudInitError, CloudUser, parse_ipconfig
+from vmhive.storage.images import Image
 from vmhive.store.models import Job, JobLog, Vm
 
 
@@ -17,6 +21,47 @@ class DiskIn(BaseModel):
     )
     image: str | None = Field(None, description="image to create the disk from")
     mode: str = Field("overlay", description="overlay (copy-on-write) or copy")
+
+
+class CloudUserIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    ssh_authorized_keys: list[str] = []
+    hashed_passwd: str | None = Field(None, description="a crypt(3) hash, never plain text")
+    sudo: bool = True
+
+
+class CloudInitIn(BaseModel):
+    """A VM's cloud-init settings; PUT replaces them all."""
+
+    model_config = ConfigDict(extra="forbid")
+    hostname: str | None = Field(None, description="default: the VM's name")
+    users: list[CloudUserIn] = []
+    ssh_keys: list[str] = Field([], description="keys for the image's default user")
+    user_data: str | None = Field(None, description="your own user-data, replacing vmhive's")
+    network_config: str | None = Field(None, description="your own network-config (v1 or v2)")
+    ipconfig: list[str] = Field(
+        [], description="per NIC, in order: dhcp, or ip=10.0.0.5/24[,gw=10.0.0.1]"
+    )
+    nameservers: list[str] = []
+
+    def to_config(self) -> CloudInitConfig:
+        try:
+            ipconfig = tuple(parse_ipconfig(text, nic) for nic, text in enumerate(self.ipconfig))
+        except CloudInitError as exc:
+            raise InvalidRequest(f"cloud-init: {exc}") from None
+        return CloudInitConfig(
+            hostname=self.hostname,
+            users=tuple(
+                CloudUser(u.name, tuple(u.ssh_authorized_keys), u.hashed_passwd, u.sudo)
+                for u in self.users
+            ),
+            ssh_keys=tuple(self.ssh_keys),
+            user_data=self.user_data,
+            network_config=self.network_config,
+            ipconfig=ipconfig,
+            nameservers=tuple(self.nameservers),
+        )
 
 
 class VmCreate(BaseModel):
@@ -39,6 +84,7 @@ class VmCreate(BaseModel):
     start: bool = False
     cloud_init: bool = Field(False, description="attach a NoCloud seed (hostname = VM name)")
     user_data: str | None = Field(None, description="cloud-init user-data (implies cloud_init)")
+    cloud_init_settings: CloudInitIn | None = Field(None, description="implies cloud_init")
 
 
 class VmClone(BaseModel):
@@ -123,7 +169,7 @@ class VmOut(BaseModel):
             autostart=vm.autostart,
             is_template=vm.is_template,
             cloud_init=vm.cloudinit,
-            cloud_init_instance_id=vm.cloudinit_instance_id if vm.cloudinit else None,
+            cloud_init_instance_id=seed_of(vm).instance_id if vm.cloudinit else None,
             boot_order=vm.boot_order,
             kernel=vm.kernel,
             initrd=vm.initrd,
@@ -170,6 +216,35 @@ class ImageOut(BaseModel):
     format: str
     virtual_size: int
     actual_size: int
+    origin: str = Field(description="tiny, debian (built by vmhive) or imported")
+    source: str = Field(description="the recipe, file or URL it came from")
+    sha256: str
+    created_at: datetime
+    used_by: dict[str, list[str]] | None = Field(
+        None, description="VMs made from it: overlay (depend on it) and copy"
+    )
+
+    @classmethod
+    def of(cls, image: Image, used_by: dict[str, list[str]] | None = None) -> ImageOut:
+        return cls(
+            name=image.name,
+            path=str(image.path),
+            format=image.format,
+            virtual_size=image.virtual_size,
+            actual_size=image.actual_size,
+            origin=image.origin,
+            source=image.source,
+            sha256=image.sha256,
+            created_at=image.created_at,
+            used_by=used_by,
+        )
+
+
+class ImageImport(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    source: str = Field(description="an image file on the daemon's host or an http(s) URL")
+    name: str | None = Field(None, description="default: from the source's file name")
+    format: str = "auto"
 
 
 class ErrorOut(BaseModel):

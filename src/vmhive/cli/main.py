@@ -10,6 +10,18 @@ import typer
 from rich.table import Column, Table
 
 from vmhive.cli.client import CliError
+from vmhive.cli.cloudinit import (
+    HostnameOpt,
+    IpconfigOpt,
+    KeyOpt,
+    NameserverOpt,
+    NetworkConfigOpt,
+    PasswordOpt,
+    UserOpt,
+    apply_flags,
+    cloudinit_app,
+    read_text,
+)
 from vmhive.cli.common import (
     Output,
     OutputOpt,
@@ -39,6 +51,7 @@ app.add_typer(volume_app, name="volume")
 app.add_typer(iso_app, name="iso")
 vm_app.add_typer(disk_app, name="disk")
 vm_app.add_typer(cdrom_app, name="cdrom")
+vm_app.add_typer(cloudinit_app, name="cloud-init")
 
 
 @app.callback()
@@ -175,6 +188,13 @@ def vm_create(
     user_data: Annotated[
         Path | None, typer.Option(help="cloud-init user-data file (implies --cloud-init)")
     ] = None,
+    hostname: HostnameOpt = None,
+    user: UserOpt = None,
+    ssh_key: KeyOpt = None,
+    password_hash: PasswordOpt = None,
+    network_config: NetworkConfigOpt = None,
+    ipconfig: IpconfigOpt = None,
+    nameserver: NameserverOpt = None,
     boot_order: Annotated[str | None, typer.Option(help="e.g. cdrom,disk,network")] = None,
     kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel path")] = None,
     initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd path")] = None,
@@ -187,7 +207,17 @@ def vm_create(
     wait: WaitOpt = True,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Create a VM."""
+    """Create a VM. Any cloud-init flag attaches a NoCloud seed."""
+    cloud_settings = apply_flags(
+        {},
+        hostname=hostname,
+        user=user,
+        ssh_key=ssh_key,
+        password_hash=password_hash,
+        network_config=network_config,
+        ipconfig=ipconfig,
+        nameserver=nameserver,
+    )
     disks: list[dict[str, Any]] = []
     if image:
         disks.append(
@@ -204,7 +234,8 @@ def vm_create(
         "iso": iso,
         "cdrom": cdrom,
         "cloud_init": cloud_init,
-        "user_data": _read_text(user_data) if user_data else None,
+        "user_data": read_text(user_data) if user_data else None,
+        "cloud_init_settings": cloud_settings or None,
         "boot_order": boot_order,
         "kernel": kernel,
         "initrd": initrd,
@@ -219,13 +250,6 @@ def vm_create(
     run_job(client, client.post("/vms", json=body), output, wait)
     if wait and output == Output.table:
         out.print(f"VM {name} created" + (" and started" if start else ""))
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text()
-    except (OSError, UnicodeDecodeError) as exc:
-        raise CliError(f"cannot read {path}: {exc}") from None
 
 
 VM_COLUMNS = ("name", "state", "generation", "vcpus", "memory_mib", "pid", "accel")
@@ -441,25 +465,71 @@ def image_list(output: OutputOpt = Output.table) -> None:
     if output == Output.json:
         print_json(images)
         return
-    table = Table("name", "format", "virtual size", "on disk", "path")
+    table = Table("name", "origin", "format", "virtual size", "on disk", "sha256")
     for i in images:
         table.add_row(
             i["name"],
+            i["origin"],
             i["format"],
             human_size(i["virtual_size"]),
             human_size(i["actual_size"]),
-            i["path"],
+            i["sha256"][:16],
         )
     out.print(table)
 
 
-@image_app.command("build-tiny")
-def image_build_tiny(wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
-    """Build the tiny test guest image from Debian packages (cached)."""
+@image_app.command("show")
+def image_show(name: str, output: OutputOpt = Output.table) -> None:
+    """An image: checksum, sizes, origin and the VMs made from it."""
+    image = api().get(f"/images/{name}")
+    if output == Output.json:
+        print_json(image)
+        return
+    used = image["used_by"] or {}
+    for key in ("name", "origin", "source", "format", "path", "sha256", "created_at"):
+        out.print(f"{key + ':':<14}{image[key]}")
+    out.print(f"{'virtual size:':<14}{human_size(image['virtual_size'])}")
+    out.print(f"{'on disk:':<14}{human_size(image['actual_size'])}")
+    out.print(f"{'overlays:':<14}{', '.join(used.get('overlay', [])) or '-'}")
+    out.print(f"{'copies:':<14}{', '.join(used.get('copy', [])) or '-'}")
+
+
+@image_app.command("delete")
+def image_delete(name: str) -> None:
+    """Delete an image (refused while VM disks are overlays on it)."""
+    api().delete(f"/images/{name}")
+    out.print(f"image {name} deleted")
+
+
+@image_app.command("build")
+def image_build(
+    recipe: Annotated[str, typer.Argument(help="tiny (busybox test guest) or debian (Debian 12)")],
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Build an image from its recipe (cached: a current image is not rebuilt)."""
     client = api()
-    job = run_job(client, client.post("/images/tiny"), output, wait)
+    job = run_job(client, client.post(f"/images/build/{recipe}"), output, wait)
     if wait and output == Output.table:
-        out.print(f"image tiny ready: {job['result']['path']}")
+        out.print(f"image {recipe} ready: {job['result']['path']}")
+
+
+@image_app.command("import")
+def image_import(
+    source: Annotated[
+        str, typer.Argument(help="image file on the daemon's host, or an http(s) URL")
+    ],
+    name: Annotated[str | None, typer.Option(help="image name (default: from SOURCE)")] = None,
+    format: Annotated[str, typer.Option(help="auto, qcow2, raw, vmdk, vhdx, vdi or vpc")] = "auto",
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Add a disk image to the store, after a safety check, as qcow2."""
+    client = api()
+    body = {"source": source, "name": name, "format": format}
+    job = run_job(client, client.post("/images", json=body), output, wait)
+    if wait and output == Output.table:
+        out.print(f"image {job['result']['image']} imported (sha256 {job['result']['sha256']})")
 
 
 @job_app.command("list")

@@ -115,8 +115,12 @@ def volume_delete(
 
 @volume_app.command("import")
 def volume_import(
-    source: Annotated[str, typer.Argument(help="image file on the daemon's host")],
-    name: Annotated[str, typer.Option(help="name of the new volume")],
+    source: Annotated[
+        str, typer.Argument(help="image file on the daemon's host, or an http(s) URL")
+    ],
+    name: Annotated[
+        str | None, typer.Option(help="name of the new volume (default: from SOURCE)")
+    ] = None,
     pool: PoolOpt = "local",
     format: Annotated[str, typer.Option(help="auto, qcow2, raw, vmdk, vhdx, vdi or vpc")] = "auto",
     wait: WaitOpt = True,
@@ -125,9 +129,9 @@ def volume_import(
     """Convert a disk image from another hypervisor into a qcow2 volume, after a safety check."""
     client = api()
     body = {"name": name, "source": source, "format": format}
-    run_job(client, client.post(f"/pools/{pool}/import", json=body), output, wait)
+    job = run_job(client, client.post(f"/pools/{pool}/import", json=body), output, wait)
     if wait and output == Output.table:
-        out.print(f"imported {source} as {pool}/{name}")
+        out.print(f"imported {source} as {pool}/{job['result']['volume']}")
 
 
 @disk_app.command("attach")
@@ -163,12 +167,12 @@ def disk_detach(
 
 @iso_app.command("import")
 def iso_import(
-    source: Annotated[str, typer.Argument(help="ISO file on the daemon's host")],
+    source: Annotated[str, typer.Argument(help="ISO file on the daemon's host, or an http(s) URL")],
     name: Annotated[str | None, typer.Option(help="name in the library")] = None,
     wait: WaitOpt = True,
     output: OutputOpt = Output.table,
 ) -> None:
-    """Copy an ISO into the library."""
+    """Copy (or download) an ISO into the library."""
     client = api()
     job = run_job(client, client.post("/isos", json={"source": source, "name": name}), output, wait)
     if wait and output == Output.table:

@@ -13,10 +13,9 @@ from typing import Any
 
 from vmhive.hypervisor.base import DriverError, ObservedState
 from vmhive.jobs.runner import JobContext, JobError
-from vmhive.services import specs
+from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
-from vmhive.storage.cloudinit import build_seed_iso
 from vmhive.store.models import Vm
 
 STARTABLE = ("stopped", "crashed")
@@ -91,13 +90,7 @@ class Lifecycle:
             if not vars_file.exists():
                 raise JobError(f"the VM's UEFI variables file {vars_file} is missing")
         if vm.cloudinit:
-            await asyncio.to_thread(
-                build_seed_iso,
-                specs.vm_dir(self.ctx.settings, vm) / specs.SEED_FILE,
-                instance_id=vm.cloudinit_instance_id or vm.uuid,
-                hostname=vm.name,
-                user_data=vm.cloudinit_user_data,
-            )
+            await cloudinit.write_seed(self.ctx.settings, vm)
         accel = self.ctx.host.accel.accel
         spec = specs.build_spec(self.ctx.settings, vm, accel)
         previous, previous_reason = vm.state, vm.state_reason

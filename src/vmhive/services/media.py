@@ -16,6 +16,7 @@ from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.storage import fetch
 from vmhive.store.models import Cdrom, Vm
 
 ISO9660_MAGIC = b"CD001"
@@ -71,18 +72,32 @@ class MediaService:
         ]
 
     async def import_file(self, source: str, name: str | None = None) -> str:
-        # Any file the daemon can read, but only if it is really an ISO 9660
-        # image: a guest must not be handed arbitrary host files this way.
-        src = Path(source).resolve()
-        if not src.is_file():
-            raise InvalidRequest(f"{source} is not a file on the daemon's host")
-        target_name = name or src.name
+        """Copy a file on the daemon's host, or download a URL, into the library.
+
+        Any file the daemon can read, but only if it is really an ISO 9660
+        image: a guest must not be handed arbitrary host files this way. A
+        download is checked the same way before it joins the library.
+        """
+        url = fetch.is_url(source)
+        if url:
+            try:
+                default = fetch.check_url(source)
+            except fetch.FetchError as exc:
+                raise InvalidRequest(str(exc)) from None
+            src = None
+        else:
+            src = Path(source).resolve()
+            if not src.is_file():
+                raise InvalidRequest(f"{source} is not a file on the daemon's host")
+            if not looks_like_iso(src):
+                raise InvalidRequest(f"{source} is not an ISO 9660 image")
+            default = src.name
+        target_name = name or default
         if not ISO_NAME_RE.fullmatch(target_name):
             raise InvalidRequest(
                 f"invalid ISO name {target_name!r}: letters, digits, '.', '_', '+' and '-'"
+                + (" (give one with --name)" if not name else "")
             )
-        if not looks_like_iso(src):
-            raise InvalidRequest(f"{source} is not an ISO 9660 image")
         self.library.mkdir(parents=True, exist_ok=True)
         dest = self.library / target_name
         if dest.exists():
@@ -94,14 +109,23 @@ class MediaService:
                 partial.unlink(missing_ok=True)
 
             ctx.on_rollback("remove the partial copy", remove_partial)
-            total = src.stat().st_size
-            await ctx.log(f"copying {src} ({total} bytes) into the ISO library")
-            await asyncio.to_thread(self._copy, src, partial)
+            if src is None:
+                await ctx.log(f"downloading {source}")
+                try:
+                    total = await fetch.download(source, partial, progress=ctx.progress)
+                except fetch.FetchError as exc:
+                    raise JobError(str(exc)) from exc
+                if not looks_like_iso(partial):
+                    raise JobError(f"{source} is not an ISO 9660 image")
+            else:
+                total = src.stat().st_size
+                await ctx.log(f"copying {src} ({total} bytes) into the ISO library")
+                await asyncio.to_thread(self._copy, src, partial)
             await ctx.progress(95)
             if dest.exists():
                 raise JobError(f"the ISO library already has {target_name!r}")
             partial.replace(dest)
-            return {"iso": target_name, "path": str(dest)}
+            return {"iso": target_name, "path": str(dest), "size": total}
 
         return await self.ctx.runner.submit(
             "iso.import", f"iso:{target_name}", job, params={"name": target_name}, cancellable=True

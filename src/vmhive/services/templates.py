@@ -102,7 +102,7 @@ class TemplateService:
                 # A new instance id: cloud-init treats the clone as a new machine.
                 cloudinit=src.cloudinit,
                 cloudinit_instance_id=str(uuidlib.uuid4()),
-                cloudinit_user_data=src.cloudinit_user_data,
+                cloudinit_config=src.cloudinit_config,
             )
             for cd in src.cdroms:
                 vm.cdroms.append(Cdrom(index=cd.index, iso=cd.iso))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import shutil
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -13,18 +14,18 @@ from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
 from vmhive.jobs.runner import JobContext, JobError
-from vmhive.services import specs
+from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest
 from vmhive.services.host import OVMF_VARS
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.storage import qemu_img
+from vmhive.storage.cloudinit import CloudInitConfig
 from vmhive.storage.images import ImageStore
 from vmhive.store.models import Cdrom, Disk, Event, Nic, Vm
 
 MAX_DISK_BYTES = 64 * 1024**4
 MAX_DISKS = 4  # gen 1 has four IDE slots, shared with CD-ROMs
-MAX_USER_DATA = 64 * 1024
 
 
 @dataclass
@@ -56,6 +57,20 @@ class CreateVmRequest:
     start: bool = False
     cloud_init: bool = False
     user_data: str | None = None
+    cloud_init_settings: CloudInitConfig | None = None
+
+    @property
+    def cloud_init_config(self) -> CloudInitConfig | None:
+        """The settings, with a bare --user-data folded in; None: no cloud-init."""
+        config = self.cloud_init_settings
+        if config is None and self.user_data is None and not self.cloud_init:
+            return None
+        config = config or CloudInitConfig()
+        if self.user_data is not None:
+            if config.user_data is not None:
+                raise InvalidRequest("user-data is given twice")
+            config = dataclasses.replace(config, user_data=self.user_data)
+        return config
 
 
 @dataclass
@@ -84,9 +99,10 @@ class VmService:
         if req.generation not in (1, 2):
             raise InvalidRequest(f"generation must be 1 or 2, got {req.generation}")
         specs.check_resources(req.vcpus, req.memory_mib, req.generation)
-        if len(req.user_data or "") > MAX_USER_DATA:
-            raise InvalidRequest(f"user-data is limited to {MAX_USER_DATA} bytes")
-        seed = 1 if req.cloud_init or req.user_data is not None else 0
+        cloud_config = req.cloud_init_config
+        if cloud_config is not None:
+            cloudinit.check(cloud_config, 1 if req.nic else 0)
+        seed = 0 if cloud_config is None else 1
         if len(req.disks) + (1 if req.iso or req.cdrom else 0) + seed > MAX_DISKS:
             raise InvalidRequest(f"at most {MAX_DISKS} disks and CD-ROMs together")
         boot_order = req.boot_order or ("cdrom,disk,network" if req.iso else "disk,cdrom,network")
@@ -122,9 +138,9 @@ class VmService:
                 autostart=req.autostart,
                 desired_state="stopped",
                 state="creating",
-                cloudinit=req.cloud_init or req.user_data is not None,
+                cloudinit=cloud_config is not None,
                 cloudinit_instance_id=str(uuidlib.uuid4()),
-                cloudinit_user_data=req.user_data,
+                cloudinit_config=cloud_config.to_json() if cloud_config else None,
             )
             if iso or req.cdrom:
                 vm.cdroms.append(Cdrom(index=0, iso=iso))

@@ -16,7 +16,7 @@ from vmhive.hypervisor.base import DriverError
 from vmhive.hypervisor.qemu.argv import validate_spec
 from vmhive.hypervisor.spec import DiskSpec
 from vmhive.jobs.runner import JobContext, JobError
-from vmhive.services import specs
+from vmhive.services import imports, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.storage import qemu_img
@@ -353,30 +353,25 @@ class VolumeService:
 
     # -- import ---------------------------------------------------------------------
 
-    async def import_file(self, pool_name: str, name: str, source: str, fmt: str = "auto") -> str:
-        """Convert an image from another hypervisor into a qcow2 volume."""
-        from vmhive.storage import inspect
-
+    async def import_file(
+        self, pool_name: str, name: str | None, source: str, fmt: str = "auto"
+    ) -> str:
+        """Convert an image from another hypervisor (a file or a URL) into a qcow2 volume."""
+        src = await imports.check_source(self.ctx.settings, source, fmt)
+        name = name or src.default_name
         check_volume_name(name)
-        roots = [self.ctx.settings.data_dir / "import", self.ctx.settings.images]
-        src = specs.check_path_under(source, roots, "import source")
-        if fmt != "auto" and fmt not in inspect.SUPPORTED_FORMATS:
-            raise InvalidRequest(
-                f"format must be auto or one of {', '.join(inspect.SUPPORTED_FORMATS)}"
-            )
-        try:
-            facts = await inspect.inspect_image(src, fmt)
-        except inspect.UnsafeImage as exc:
-            raise InvalidRequest(f"refusing to import {source}: {exc}") from None
-        driver, path, volume_id = await self._reserve(pool_name, name, "qcow2", facts.virtual_size)
+        size = src.facts.virtual_size if src.facts else 0
+        driver, path, volume_id = await self._reserve(pool_name, name, "qcow2", size)
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             self._undo_on_failure(ctx, driver, path, volume_id, f"the half-imported volume {name}")
-            await ctx.log(f"converting {src} ({facts.format}, {facts.virtual_size} bytes) to qcow2")
-            try:
-                await inspect.convert_image(src, facts, path, progress=ctx.progress)
-            except (inspect.UnsafeImage, qemu_img.QemuImgError) as exc:
-                raise JobError(str(exc)) from exc
+            facts = await imports.convert_into(ctx, self.ctx.settings, src, path)
+            if facts.virtual_size != size:
+                async with self.ctx.sessions() as session:
+                    volume = await session.get(Volume, volume_id)
+                    if volume is not None:
+                        volume.virtual_size = facts.virtual_size
+                        await session.commit()
             return {"pool": pool_name, "volume": name, "path": str(path)}
 
         return await self.ctx.runner.submit(

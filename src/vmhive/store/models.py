@@ -56,7 +56,8 @@ class Vm(Base):
     # cloud-init (NoCloud seed CD-ROM): a new instance id makes a clone a new machine.
     cloudinit: Mapped[bool] = mapped_column(Boolean, default=False)
     cloudinit_instance_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    cloudinit_user_data: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # hostname, users, keys, user-data, network-config: storage.cloudinit.CloudInitConfig
+    cloudinit_config: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     desired_state: Mapped[str] = mapped_column(String(16), default="stopped")
     state: Mapped[str] = mapped_column(String(16), default="creating")
     state_reason: Mapped[str] = mapped_column(Text, default="")
