@@ -97,7 +97,7 @@ class Daemon:
         self.cloudinit = CloudInitService(self.ctx)
         self.templates = TemplateService(self.ctx, self.lifecycle)
         await self.volumes.ensure_default_pool()
-        self.agent = Agent(self.ctx, self.vms, self.lifecycle)
+        self.agent = Agent(self.ctx, self.vms, self.lifecycle, self.volumes, self.images)
         await self.agent.recover()
         await self.agent.autostart()
         self.agent.start_loop()

@@ -158,3 +158,50 @@ def test_a_start_interrupted_before_the_guest_ran_is_rolled_back(own_hive: Hive)
     # And it starts normally afterwards.
     hive.cli("vm", "start", "halfway")
     assert hive.vm("halfway")["state"] == "running"
+
+
+def _job_progress(hive: Hive, job_id: str) -> int:
+    return int(hive.api("GET", f"/api/jobs/{job_id}").json()["progress"])
+
+
+def _processes_using(path_fragment: str) -> list[int]:
+    pids = []
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                cmdline = (entry / "cmdline").read_bytes()
+            except OSError:
+                continue
+            if path_fragment.encode() in cmdline and b"qemu-img" in cmdline:
+                pids.append(int(entry.name))
+    return pids
+
+
+def test_daemon_killed_in_a_full_clone_is_cleaned_up_at_next_start(own_hive: Hive) -> None:
+    """kill -9 in the middle of copying: the qemu-img child dies with the daemon, and
+    the next start removes the half-made clone, its directory and its record."""
+    hive = own_hive
+    hive.cli("vm", "create", "bulky", "-g", "1", "--memory", "64", "--disk-size", "2G")
+    source = hive.vm("bulky")
+    # Real data to copy, so the copy takes long enough to be interrupted.
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5a 0 1G", source["disks"][0]["path"]],
+        check=True,
+        capture_output=True,
+    )
+    vms_dir = hive.data_dir / "vms"
+    job = hive.cli("vm", "clone", "bulky", "bulky2", "--full", "--no-wait", "-o", "json").json()
+    wait_for(lambda: 0 < _job_progress(hive, job["id"]) < 80, 60, "the copy to be under way", 0.02)
+    hive.kill_daemon()
+    half_made = [d for d in vms_dir.iterdir() if d.name != source["uuid"]]
+    assert len(half_made) == 1 and (half_made[0] / "disk0.qcow2").exists()
+    wait_for(lambda: not _processes_using(str(half_made[0])), 10, "qemu-img to die with the daemon")
+
+    hive.start()
+    assert [vm["name"] for vm in hive.cli("vm", "list", "-o", "json").json()] == ["bulky"]
+    assert [d.name for d in vms_dir.iterdir()] == [source["uuid"]]
+    ended = hive.cli("job", "show", job["id"], "-o", "json").json()
+    assert ended["state"] == "failed" and "interrupted" in ended["error"]
+    # The source is untouched and can be cloned again.
+    hive.cli("vm", "clone", "bulky", "bulky2", "--full")
+    assert hive.vm("bulky2")["disks"][0]["source"] == "copy"

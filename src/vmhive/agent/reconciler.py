@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from pathlib import Path
 
 from sqlalchemy import select
 
@@ -19,8 +20,10 @@ from vmhive.hypervisor.base import DriverError, ObservedState
 from vmhive.hypervisor.qemu.process import find_qemu_processes_under
 from vmhive.services import specs
 from vmhive.services.context import ServiceContext
+from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.vms import VmService
+from vmhive.services.volumes import VolumeService
 from vmhive.store.models import Event, Vm
 
 log = logging.getLogger(__name__)
@@ -29,9 +32,18 @@ ACTIVE_STATES = ("starting", "running", "paused", "stopping")
 
 
 class Agent:
-    def __init__(self, ctx: ServiceContext, vms: VmService, lifecycle: Lifecycle) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        vms: VmService,
+        lifecycle: Lifecycle,
+        volumes: VolumeService,
+        images: ImageService,
+    ) -> None:
         self.ctx = ctx
         self.vms = vms
+        self.volumes = volumes
+        self.images = images
         self.lifecycle = lifecycle
         self._loop_task: asyncio.Task[None] | None = None
         ctx.driver.on_state = self.on_state
@@ -50,6 +62,8 @@ class Agent:
     async def recover(self) -> None:
         for job in await self.ctx.runner.recover():
             log.warning("job %s (%s) was interrupted by a daemon stop", job.id, job.kind)
+            await self._undo_interrupted(job.kind, job.target or "")
+        await asyncio.to_thread(self._sweep_partial_files)
         async with self.ctx.sessions() as session:
             vms = list(await session.scalars(select(Vm)))
         for vm in vms:
@@ -62,6 +76,31 @@ class Agent:
             else:
                 await self._adopt(vm)
         self._report_unowned()
+
+    async def _undo_interrupted(self, kind: str, target: str) -> None:
+        """What an interrupted job made and would have rolled back. (Half-made
+        VMs carry their own mark, `creating`, and are handled below.)"""
+        what, _, key = target.partition(":")
+        if kind in ("volume.create", "volume.import") and what == "volume" and key.isdigit():
+            await self.volumes.discard_unfinished(int(key))
+        elif kind == "image.import" and what == "image":
+            log.warning("removing image %s: its import was interrupted", key)
+            await asyncio.to_thread(self.images.store.remove, key)
+
+    def _sweep_partial_files(self) -> None:
+        """Temporary files of downloads, copies and conversions that never finished."""
+        settings = self.ctx.settings
+        patterns = [
+            (settings.data_dir / "import", ".download-*"),
+            (settings.data_dir / "iso", ".*.partial"),
+            (settings.images, ".*.part"),
+            *((Path(path), ".*.part") for path in self.volumes.pool_paths()),
+        ]
+        for directory, pattern in patterns:
+            if directory.is_dir():
+                for leftover in directory.glob(pattern):
+                    log.warning("removing %s, left by an interrupted job", leftover)
+                    leftover.unlink(missing_ok=True)
 
     async def _adopt(self, vm: Vm) -> None:
         spec = specs.build_spec(self.ctx.settings, vm, vm.accel or self.ctx.host.accel.accel)

@@ -52,6 +52,7 @@ def check_size(size: int) -> None:
 class VolumeService:
     def __init__(self, ctx: ServiceContext) -> None:
         self.ctx = ctx
+        self._pool_paths: tuple[str, ...] = ()
 
     # -- pools ------------------------------------------------------------------
 
@@ -64,6 +65,7 @@ class VolumeService:
             pools = list(await session.scalars(select(Pool)))
         for pool in pools:
             driver_for(pool.type, pool.path).prepare()
+        self._pool_paths = tuple(pool.path for pool in pools if pool.type == "dir")
 
     async def pools(self) -> list[tuple[Pool, Capacity, int]]:
         async with self.ctx.sessions() as session:
@@ -184,6 +186,19 @@ class VolumeService:
             await self._forget(volume_id)
 
         ctx.on_rollback(f"remove {what}", forget)
+
+    async def discard_unfinished(self, volume_id: int) -> None:
+        """Remove a volume whose create or import job was interrupted."""
+        async with self.ctx.sessions() as session:
+            volume = await session.get(Volume, volume_id)
+            if volume is None:
+                return
+            path, driver = Path(volume.path), self._driver(volume.pool)
+        await driver.delete(path)
+        await self._forget(volume_id)
+
+    def pool_paths(self) -> tuple[str, ...]:
+        return self._pool_paths
 
     async def _forget(self, volume_id: int) -> None:
         async with self.ctx.sessions() as session:

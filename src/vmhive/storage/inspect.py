@@ -47,6 +47,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vmhive.storage import qemu_img
 from vmhive.storage.qemu_img import QemuImgError
 
 SUPPORTED_FORMATS = ("qcow2", "raw", "vmdk", "vhdx", "vdi", "vpc")
@@ -193,6 +194,7 @@ async def _run_limited(
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "MALLOC_ARENA_MAX": "1"},
+        preexec_fn=qemu_img.die_with_parent,
     )
     assert proc.stdout is not None and proc.stderr is not None
     stdout_pipe, stderr_pipe = proc.stdout, proc.stderr
