@@ -43,6 +43,14 @@ def vmhive_start(client: httpx.Client, name: str) -> float:
 
 
 async def by_hand(argv: list[str], run_dir: Path) -> float:
+    elapsed, proc = await launch_by_hand(argv, run_dir)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    return elapsed
+
+
+async def launch_by_hand(argv: list[str], run_dir: Path) -> tuple[float, subprocess.Popen[bytes]]:
+    """Spawn QEMU, wait for QMP, negotiate, `cont`: what vmhive's start does, by hand."""
     qmp = run_dir / "qmp.sock"
     for name in ("qmp.sock", "serial.sock", "vnc.sock", "qemu.pid"):
         (run_dir / name).unlink(missing_ok=True)
@@ -66,9 +74,7 @@ async def by_hand(argv: list[str], run_dir: Path) -> float:
     elapsed = time.perf_counter() - began
     assert status.running
     await monitor.close()
-    proc.send_signal(signal.SIGKILL)
-    proc.wait()
-    return elapsed
+    return elapsed, proc
 
 
 def main() -> None:
