@@ -101,3 +101,27 @@ def test_cloud_init_seed_and_new_instance_id_on_clones(hive: Hive, tmp_path: Pat
     ]
     hive.cli("vm", "delete", "sprout", "--force")
     hive.cli("vm", "delete", "seeded")
+
+
+def test_full_clone_of_a_running_vm(hive: Hive) -> None:
+    """Live block copy: the source runs on, the copy is a flat image of one instant."""
+    hive.create_tiny("busy", 2, "--start")
+    hive.wait_ready("busy")
+    hive.run_in_guest("busy", "echo before-the-copy > /root/marker && sync")
+    pid = hive.vm("busy")["pid"]
+    job = hive.cli("vm", "clone", "busy", "busy-copy", "--full", "-o", "json").json()
+    assert job["result"]["live"] is True and job["progress"] == 100
+    assert any("mirror" in line["message"] for line in job["log"])
+    source = hive.vm("busy")
+    assert source["state"] == "running" and source["pid"] == pid, "the source ran on"
+    assert hive.run_in_guest("busy", "cat /root/marker") == "before-the-copy"
+    copy = hive.vm("busy-copy")
+    assert copy["disks"][0]["source"] == "copy" and backing_of(copy["disks"][0]["path"]) is None
+    no_link = hive.cli("vm", "clone", "busy", "busy-link", "--linked", check=False)
+    assert no_link.rc == 1 and "needs a template" in no_link.err
+
+    hive.cli("vm", "start", "busy-copy")
+    hive.wait_ready("busy-copy")
+    assert hive.run_in_guest("busy-copy", "cat /root/marker") == "before-the-copy"
+    hive.cli("vm", "delete", "busy-copy", "--force")
+    hive.cli("vm", "delete", "busy", "--force")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from abc import ABC, abstractmethod
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -126,6 +126,17 @@ class Driver(ABC):
     @abstractmethod
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         """Grow a disk of a running VM; the guest sees the new capacity."""
+
+    @abstractmethod
+    async def copy_disks_live(
+        self,
+        vm_uuid: str,
+        targets: Sequence[tuple[int, Path]],
+        progress: Callable[[int], Awaitable[None]] | None = None,
+        timeout: float = 6 * 3600,
+    ) -> None:
+        """Copy disks (index, new qcow2 file of the same size) of a running VM into
+        one crash-consistent point-in-time copy, the guest running on."""
 
     @abstractmethod
     async def insert_media(self, vm_uuid: str, drive: int, iso: Path) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from vmhive.hypervisor.base import (
@@ -42,6 +43,7 @@ class FakeDriver(Driver):
         self.consoles: dict[str, FakeConsole] = {}
         self.fail_next_start: str | None = None
         self.resized: dict[tuple[str, str], int] = {}
+        self.live_copies: list[tuple[str, list[int]]] = []
         self.media: dict[tuple[str, int], Path] = {}
         self.hotplugged: dict[tuple[str, int], Path] = {}
         self._pids = itertools.count(10_000)
@@ -116,6 +118,16 @@ class FakeDriver(Driver):
     async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
         self._need(vm_uuid)
         self.hotplugged.pop((vm_uuid, index), None)
+
+    async def copy_disks_live(
+        self,
+        vm_uuid: str,
+        targets: Sequence[tuple[int, Path]],
+        progress: Callable[[int], Awaitable[None]] | None = None,
+        timeout: float = 6 * 3600,
+    ) -> None:
+        self._need(vm_uuid)
+        self.live_copies.append((vm_uuid, [index for index, _ in targets]))
 
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         self._need(vm_uuid)

@@ -11,12 +11,14 @@ import asyncio
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from sqlalchemy import select
+
 from vmhive.hypervisor.base import DriverError, ObservedState
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
-from vmhive.store.models import Vm
+from vmhive.store.models import Disk, Vm
 
 STARTABLE = ("stopped", "crashed")
 
@@ -81,6 +83,25 @@ class Lifecycle:
 
         return await self._submit(name, "vm.start", self._must_be_stopped, body)
 
+    async def _renumber_disks(self, vm_uuid: str) -> Vm:
+        """QEMU names disks by position (disk0, disk1, ...) at start; after a detach
+        from the middle, the records follow so hot-plug and resize find them."""
+        async with self.ctx.sessions() as session:
+            disks = list(
+                await session.scalars(
+                    select(Disk).join(Vm).where(Vm.uuid == vm_uuid).order_by(Disk.index)
+                )
+            )
+            for position, disk in enumerate(disks):
+                if disk.index != position:  # ascending: the slot below is always free
+                    disk.index = position
+                    await session.flush()
+            await session.commit()
+        vm = await self.ctx.load_vm_by_uuid(vm_uuid)
+        if vm is None:
+            raise JobError("the VM no longer exists")
+        return vm
+
     async def do_start(self, ctx: JobContext, vm_uuid: str, vm: Vm | None = None) -> None:
         vm = vm or await self.ctx.load_vm_by_uuid(vm_uuid)
         if vm is None:
@@ -91,6 +112,8 @@ class Lifecycle:
                 raise JobError(f"the VM's UEFI variables file {vars_file} is missing")
         if vm.cloudinit:
             await cloudinit.write_seed(self.ctx.settings, vm)
+        if [d.index for d in vm.disks] != list(range(len(vm.disks))):
+            vm = await self._renumber_disks(vm_uuid)
         accel = self.ctx.host.accel.accel
         spec = specs.build_spec(self.ctx.settings, vm, accel)
         previous, previous_reason = vm.state, vm.state_reason

@@ -13,6 +13,7 @@ from typing import Any
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from vmhive.hypervisor.base import DriverError
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import specs
 from vmhive.services.context import ServiceContext
@@ -72,10 +73,11 @@ class TemplateService:
             raise InvalidRequest(
                 f"a linked clone needs a template: run `vmhive vm template {source}` first, or use --full"
             )
-        if not src.is_template and (
-            src.state not in ("stopped", "crashed") or self.ctx.driver.is_running(src.uuid)
-        ):
-            raise Conflict(f"VM {source} must be stopped to be cloned (live cloning comes later)")
+        live = not src.is_template and self.ctx.driver.is_running(src.uuid)
+        if live and src.state != "running":
+            raise Conflict(f"VM {source} is {src.state}: clone it running or stopped")
+        if not live and src.state not in ("stopped", "crashed", "running"):
+            raise Conflict(f"VM {source} is {src.state}: clone it running or stopped")
         if any(d.volume_id is not None for d in src.disks):
             raise InvalidRequest(
                 f"VM {source} has pool volumes attached: cloning those is not supported yet"
@@ -119,6 +121,7 @@ class TemplateService:
             except IntegrityError:
                 raise Conflict(f"a VM named {name!r} already exists") from None
         disks = [(d.id, d.index, Path(d.path), d.format, d.size_bytes) for d in src.disks]
+        src_uuid = src.uuid
         src_vars = specs.vm_dir(self.ctx.settings, src) / specs.VARS_FILE
 
         async def job(ctx: JobContext) -> dict[str, Any]:
@@ -128,9 +131,13 @@ class TemplateService:
             ctx.on_rollback(f"remove the half-made clone {name}", remove)
             directory.mkdir(parents=True)
             rows = []
+            if live:
+                await self._copy_live(ctx, src_uuid, disks, directory)
             for n, (disk_id, index, path, fmt, size) in enumerate(disks):
                 dest = directory / f"disk{index}.qcow2"
-                if linked:
+                if live:
+                    pass  # copied above, all disks at one point in time
+                elif linked:
                     await ctx.log(f"disk{index}: overlay on template disk {path}")
                     await qemu_img.create_overlay(dest, path, fmt, None)
                 else:
@@ -166,8 +173,33 @@ class TemplateService:
             ctx.commit()
             if start:
                 await self.lifecycle.do_start(ctx, new_uuid)
-            return {"vm": name, "uuid": new_uuid, "linked": linked}
+            return {"vm": name, "uuid": new_uuid, "linked": linked, "live": live}
 
         return await self.ctx.runner.submit(
             "vm.clone", f"vm:{new_uuid}", job, params={"name": name, "source": source}
         )
+
+    async def _copy_live(
+        self,
+        ctx: JobContext,
+        src_uuid: str,
+        disks: list[tuple[int, int, Path, str, int]],
+        directory: Path,
+    ) -> None:
+        """Full copies of a running VM's disks (QEMU mirror jobs), the guest running on."""
+        targets = []
+        for _, index, path, fmt, _ in disks:
+            dest = directory / f"disk{index}.qcow2"
+            size = int((await qemu_img.info(path, fmt))["virtual-size"])
+            await qemu_img.create_blank(dest, size)
+            targets.append((index, dest))
+        await ctx.log(f"copying {len(targets)} disk(s) of the running VM (mirror jobs)")
+
+        async def report(percent: int) -> None:
+            await ctx.progress(percent * 90 // 100)
+
+        try:
+            await self.ctx.driver.copy_disks_live(src_uuid, targets, report)
+        except DriverError as exc:
+            raise JobError(str(exc)) from exc
+        await ctx.log("copies in sync; ended at one point in time across all disks")

@@ -13,6 +13,7 @@ import logging
 import shutil
 import signal
 import time
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,21 @@ QMP_READY_DEADLINE = 15.0
 KILL_DEADLINE = 10.0
 SERIAL_LOG = "serial.log"
 EVENT_DRAIN_DEADLINE = 2.0
+BLOCK_JOB_EVENTS = frozenset(
+    {"BLOCK_JOB_READY", "BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED", "BLOCK_JOB_ERROR"}
+)
+
+
+@dataclass
+class _BlockJob:
+    ready: asyncio.Event = field(default_factory=asyncio.Event)
+    ended: asyncio.Event = field(default_factory=asyncio.Event)
+    error: str | None = None
+
+    def end(self, error: str | None) -> None:
+        self.error = error
+        self.ended.set()
+        self.ready.set()  # nobody waits for a readiness that will never come
 
 
 @dataclass
@@ -59,6 +75,8 @@ class _Vm:
     acpi_requested: bool = False
     # device id -> set when QEMU reports DEVICE_DELETED (the guest let go of it)
     unplugged: dict[str, asyncio.Event] = field(default_factory=dict)
+    # block job id -> its progress as QEMU's events report it
+    block_jobs: dict[str, _BlockJob] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
 
 
@@ -269,6 +287,18 @@ class QemuDriver(Driver):
             elif event.name == "DEVICE_DELETED":
                 device = str(event.data.get("device", ""))
                 vm.unplugged.setdefault(device, asyncio.Event()).set()
+            elif event.name in BLOCK_JOB_EVENTS:
+                job = vm.block_jobs.get(str(event.data.get("device", "")))
+                if job is None:
+                    continue
+                if event.name == "BLOCK_JOB_READY":
+                    job.ready.set()
+                elif event.name == "BLOCK_JOB_ERROR":
+                    job.error = f"I/O error ({event.data.get('operation', 'copy')})"
+                elif event.name == "BLOCK_JOB_COMPLETED":
+                    job.end(str(event.data["error"]) if "error" in event.data else job.error)
+                else:  # BLOCK_JOB_CANCELLED: abandoned before it was in sync
+                    job.end(job.error or "the copy was cancelled")
             elif event.name == "GUEST_PANICKED":
                 await self._report(uuid, ObservedState.CRASHED, "the guest kernel panicked")
 
@@ -329,6 +359,72 @@ class QemuDriver(Driver):
                 raise
         except MonitorError as exc:
             raise DriverError(f"hot-plug of {path} failed: {exc}") from exc
+
+    async def copy_disks_live(
+        self,
+        vm_uuid: str,
+        targets: Sequence[tuple[int, Path]],
+        progress: Callable[[int], Awaitable[None]] | None = None,
+        timeout: float = 6 * 3600,
+    ) -> None:
+        """Copy disks of a running VM into new qcow2 files (created, of the same
+        virtual size) while the guest runs on: one mirror job a disk; once all are
+        in sync the guest is paused for the instant it takes to end them, so the
+        copies are one crash-consistent point in time across disks."""
+        vm = self._get(vm_uuid)
+        monitor = vm.monitor
+        added: list[str] = []
+        jobs: dict[str, _BlockJob] = {}
+        try:
+            async with asyncio.timeout(timeout):
+                for index, path in targets:
+                    target = f"copy{index}"
+                    for node in blockdev_nodes(target, str(path), "qcow2", read_only=False):
+                        await monitor.blockdev_add(node)
+                        added.append(str(node["node-name"]))
+                    job_id = f"copy-disk{index}"
+                    jobs[job_id] = vm.block_jobs[job_id] = _BlockJob()
+                    await monitor.blockdev_mirror(job_id, f"disk{index}", target)
+                while not all(job.ready.is_set() for job in jobs.values()):
+                    if progress is not None:
+                        running = [
+                            j for j in await monitor.query_block_jobs() if j["device"] in jobs
+                        ]
+                        total = sum(int(j.get("len", 0)) for j in running) or 1
+                        await progress(99 * sum(int(j.get("offset", 0)) for j in running) // total)
+                    await _first_set([j.ready for j in jobs.values()], 0.5)
+                failed = [f"{i}: {j.error}" for i, j in jobs.items() if j.ended.is_set()]
+                if failed:
+                    raise DriverError(f"live copy failed: {'; '.join(failed)}")
+                was_running = (await monitor.query_status()).running
+                if was_running:
+                    await monitor.stop()
+                try:
+                    for job_id in jobs:
+                        await monitor.block_job_cancel(job_id)
+                    for job in jobs.values():
+                        await job.ended.wait()
+                finally:
+                    if was_running:
+                        await monitor.cont()
+                failed = [f"{i}: {j.error}" for i, j in jobs.items() if j.error]
+                if failed:
+                    raise DriverError(f"live copy failed: {'; '.join(failed)}")
+        except TimeoutError:
+            raise DriverError(f"live copy did not finish within {timeout:g} s") from None
+        except MonitorError as exc:
+            raise DriverError(f"live copy failed: {exc}") from exc
+        finally:
+            for job_id, job in jobs.items():
+                if not job.ended.is_set():
+                    with contextlib.suppress(MonitorError):
+                        await monitor.block_job_cancel(job_id)
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(job.ended.wait(), 10)
+                vm.block_jobs.pop(job_id, None)
+            for node_name in reversed(added):
+                with contextlib.suppress(MonitorError):
+                    await monitor.blockdev_del(node_name)
 
     async def _free_root_port(self, vm: _Vm) -> str:
         """The first pcie-root-port with nothing plugged in, as QEMU sees it now."""
@@ -417,3 +513,15 @@ class QemuDriver(Driver):
         if vm_uuid in self._vms:
             raise DriverError("cannot clean up a running VM")
         shutil.rmtree(runtime.run_dir, ignore_errors=True)
+
+
+async def _first_set(events: Sequence[asyncio.Event], timeout: float) -> None:
+    """Wait until one more of `events` is set, or `timeout` passes."""
+    waiters = [asyncio.create_task(e.wait()) for e in events if not e.is_set()]
+    if not waiters:
+        return
+    try:
+        await asyncio.wait(waiters, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        for waiter in waiters:
+            waiter.cancel()

@@ -533,6 +533,23 @@ class QmpMonitor:
         """Grow a disk under a running guest (the guest sees a capacity change)."""
         await self._execute("block_resize", {"node-name": node_name, "size": size})
 
+    async def blockdev_mirror(self, job_id: str, device: str, target: str) -> None:
+        """Copy a whole disk (its backing chain flattened) to `target` while the guest
+        writes on; BLOCK_JOB_READY says the two are in sync from then on."""
+        await self._execute(
+            "blockdev-mirror",
+            {"job-id": job_id, "device": device, "target": target, "sync": "full"},
+        )
+
+    async def block_job_cancel(self, job_id: str) -> None:
+        """On a READY mirror: stop mirroring, leaving the target a point-in-time copy
+        (BLOCK_JOB_COMPLETED follows); before READY the copy is abandoned."""
+        await self._execute("block-job-cancel", {"device": job_id})
+
+    async def query_block_jobs(self) -> list[dict[str, Any]]:
+        result = await self._execute("query-block-jobs")
+        return [dict(job) for job in result] if isinstance(result, list) else []
+
     async def quit(self) -> None:
         """Make QEMU exit.
 
