@@ -156,9 +156,49 @@ class Nic(Base):
     index: Mapped[int] = mapped_column(Integer)
     mac: Mapped[str] = mapped_column(String(17), unique=True)
     model: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # "user": QEMU's user-mode NAT (no network); "tap": on `network`, through a TAP.
     backend: Mapped[str] = mapped_column(String(16), default="user")
+    network_id: Mapped[int | None] = mapped_column(
+        ForeignKey("networks.id", ondelete="RESTRICT"), nullable=True
+    )
+    ip: Mapped[str | None] = mapped_column(String(15), nullable=True)  # a DHCP reservation
+    vlan: Mapped[int | None] = mapped_column(Integer, nullable=True)  # external networks
+    link_up: Mapped[bool] = mapped_column(Boolean, default=True)
 
     vm: Mapped[Vm] = relationship(back_populates="nics")
+    network: Mapped[Network | None] = relationship(lazy="joined")
+
+
+class Network(Base):
+    """A virtual switch; its host side is built by vmhive.network from this row."""
+
+    __tablename__ = "networks"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(32), unique=True)
+    type: Mapped[str] = mapped_column(String(16))  # nat | internal | private | external
+    bridge: Mapped[str] = mapped_column(String(15), unique=True)
+    subnet: Mapped[str | None] = mapped_column(String(18), nullable=True)
+    gateway: Mapped[str | None] = mapped_column(String(15), nullable=True)
+    dhcp_start: Mapped[str | None] = mapped_column(String(15), nullable=True)
+    dhcp_end: Mapped[str | None] = mapped_column(String(15), nullable=True)
+    uplink: Mapped[str | None] = mapped_column(String(15), nullable=True)
+    domain: Mapped[str | None] = mapped_column(String(253), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class PortForward(Base):
+    """host_port on the host -> vm_port on a NIC's address (nat networks)."""
+
+    __tablename__ = "port_forwards"
+    __table_args__ = (UniqueConstraint("proto", "host_port"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    network_id: Mapped[int] = mapped_column(ForeignKey("networks.id", ondelete="CASCADE"))
+    nic_id: Mapped[int] = mapped_column(ForeignKey("nics.id", ondelete="CASCADE"))
+    proto: Mapped[str] = mapped_column(String(3))
+    host_port: Mapped[int] = mapped_column(Integer)
+    vm_port: Mapped[int] = mapped_column(Integer)
 
 
 class Job(Base):
