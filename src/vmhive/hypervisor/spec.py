@@ -46,11 +46,17 @@ class CdromSpec:
 
 @dataclass(frozen=True)
 class NicSpec:
-    """One network interface. `backend` is "user" (QEMU's user-mode NAT) for now."""
+    """One network interface.
+
+    `backend` is "user" (QEMU's user-mode NAT) or "tap": the host TAP device named
+    `tap`, which must exist before QEMU starts (`vmhive.network.ensure_tap` creates
+    it, attached to its network's bridge); QEMU opens it by name and runs no scripts.
+    """
 
     mac: str
     model: str | None = None  # None: the generation's default (e1000 / virtio-net-pci)
     backend: str = "user"
+    tap: str | None = None  # backend "tap": the TAP's interface name
 
 
 @dataclass(frozen=True)

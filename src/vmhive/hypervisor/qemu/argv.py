@@ -70,7 +70,10 @@ NIC_MODELS: Final = frozenset({"e1000", "e1000e", "virtio-net-pci", "rtl8139"})
 #: The NIC model used when `NicSpec.model` is None, per generation.
 DEFAULT_NIC_MODEL: Final = {1: "e1000", 2: "virtio-net-pci"}
 #: NIC backends (``-netdev`` types) supported so far.
-NIC_BACKENDS: Final = frozenset({"user"})
+NIC_BACKENDS: Final = frozenset({"user", "tap"})
+#: A TAP's interface name: at most 15 bytes (IFNAMSIZ), nothing QEMU's option syntax or a
+#: shell would treat specially.
+_TAP_IFNAME_RE: Final = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
 
 MIN_MEMORY_MIB: Final = 16
 #: i440fx allows 255 CPUs, q35 288; one limit for both keeps things simple.
@@ -302,6 +305,18 @@ def validate_spec(spec: VmSpec) -> None:
                 f"NIC {i} backend {nic.backend!r} is not supported "
                 f"(expected one of: {', '.join(sorted(NIC_BACKENDS))})"
             )
+        if nic.backend == "tap":
+            if (
+                not isinstance(nic.tap, str)
+                or not _TAP_IFNAME_RE.fullmatch(nic.tap)
+                or nic.tap in (".", "..")
+            ):
+                raise ValueError(
+                    f"NIC {i} TAP name {nic.tap!r} is invalid: use 1-15 letters, digits, "
+                    "'_', '.' or '-'"
+                )
+        elif nic.tap is not None:
+            raise ValueError(f"NIC {i} names TAP {nic.tap!r} but its backend is {nic.backend!r}")
 
     # Boot order.
     seen_boot: set[BootDevice] = set()
@@ -536,10 +551,16 @@ def build_argv(spec: VmSpec, *, qemu_binary: str = "qemu-system-x86_64") -> list
             dev["bootindex"] = boot[dev_id]
         argv += ["-device", _json_arg(dev)]
 
-    # NICs: user-mode networking; gen 1 at fixed pci.0 slots from 3, gen 2 behind root ports.
+    # NICs: gen 1 at fixed pci.0 slots from 3, gen 2 behind root ports. A TAP backend opens
+    # an existing TAP by name and runs no helper scripts (the sandbox denies spawning them).
     for i, nic in enumerate(spec.nics):
         dev_id = f"net{i}"
-        argv += ["-netdev", f"{nic.backend},id={dev_id}"]
+        if nic.backend == "tap":
+            assert nic.tap is not None
+            ifname = quote_option_value(nic.tap)
+            argv += ["-netdev", f"tap,id={dev_id},ifname={ifname},script=no,downscript=no"]
+        else:
+            argv += ["-netdev", f"{nic.backend},id={dev_id}"]
         model = nic.model or DEFAULT_NIC_MODEL[gen]
         if gen == 1:
             dev = {"driver": model, "id": dev_id, "bus": "pci.0", "addr": f"{3 + i:#x}"}
