@@ -10,6 +10,10 @@ import pytest
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
+def _image_cache_dir() -> Path:
+    return Path(os.environ.get("VMHIVE_IMAGE_CACHE") or REPO_ROOT / ".cache" / "images")
+
+
 @pytest.fixture(scope="session")
 def tiny_image_dir() -> Path:
     """Directory holding the built tiny guest image (tiny.qcow2, vmlinuz, initrd.img).
@@ -20,11 +24,29 @@ def tiny_image_dir() -> Path:
     """
     from vmhive.guest.tiny import GuestBuildError, build_tiny_image
 
-    dest = Path(os.environ.get("VMHIVE_IMAGE_CACHE") or REPO_ROOT / ".cache" / "images")
+    dest = _image_cache_dir()
     try:
         build_tiny_image(dest)
     except GuestBuildError as exc:
         pytest.fail(f"cannot build the tiny guest image in {dest}: {exc}", pytrace=False)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def debian_image_dir() -> Path:
+    """Directory holding the built Debian 12 guest image (debian.qcow2).
+
+    Built once (a few minutes: debootstrap from the Debian mirror, as root) and
+    cached by a stamp in the same directory as the tiny image. Never write to
+    the image directly: boot a qcow2 overlay backed by it.
+    """
+    from vmhive.guest.debian import DebianBuildError, build_debian_image
+
+    dest = _image_cache_dir()
+    try:
+        build_debian_image(dest)
+    except DebianBuildError as exc:
+        pytest.fail(f"cannot build the Debian guest image in {dest}: {exc}", pytrace=False)
     return dest
 
 

@@ -11,21 +11,29 @@ never written (each boot uses a qcow2 overlay in tmp_path).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import re
-import select
-import shutil
-import socket
 import subprocess
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
 
 import pytest
 
+from tests.functional.qemu_boot import (
+    COMMAND_TIMEOUT,
+    HAVE_OVMF,
+    HAVE_QEMU,
+    SLIRP_GUEST_ADDRESS,
+    Guest,
+    StartGuest,
+    guest_factory,
+    netdev,
+    overlay,
+    report,
+    uefi_pflash,
+)
 from vmhive.guest.tiny import (
     DIRECT_BOOT_CMDLINE,
     READY_MARKER,
@@ -36,245 +44,32 @@ from vmhive.guest.tiny import (
 
 pytestmark = [
     pytest.mark.functional,
-    pytest.mark.skipif(
-        shutil.which("qemu-system-x86_64") is None or shutil.which("qemu-img") is None,
-        reason="qemu-system-x86_64 / qemu-img not installed",
-    ),
+    pytest.mark.skipif(not HAVE_QEMU, reason="qemu-system-x86_64 / qemu-img not installed"),
 ]
 
-QEMU = "qemu-system-x86_64"
-OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
-OVMF_VARS = Path("/usr/share/OVMF/OVMF_VARS_4M.fd")
-
-GUEST_MEMORY = "128"
 # OVMF + the Debian kernel's EFI stub crash in the firmware with 128 MiB (seen with
 # QEMU 7.2 / OVMF 2022.11, from disk and with -kernel alike); 160 MiB works.
 UEFI_GUEST_MEMORY = "256"
 BOOT_TIMEOUT = float(os.environ.get("VMHIVE_TEST_BOOT_TIMEOUT", "120"))
-COMMAND_TIMEOUT = 30.0
 DHCP_TIMEOUT = 60.0
-POWERDOWN_TIMEOUT = 60.0
-SLIRP_GUEST_ADDRESS = "10.0.2.15"  # QEMU user networking hands out this address
-
-_ANSI = re.compile(rb"\x1b\[[0-9;?]*[A-Za-z]")
-
-
-class GuestError(AssertionError):
-    pass
-
-
-class Guest:
-    """A QEMU process with its serial console and QMP sockets."""
-
-    def __init__(
-        self, name: str, argv: Sequence[str], workdir: Path, memory: str = GUEST_MEMORY
-    ) -> None:
-        self.name = name
-        self.workdir = workdir
-        self.serial_path = workdir / f"{name}.serial.sock"
-        self.qmp_path = workdir / f"{name}.qmp.sock"
-        self.serial_log = workdir / f"{name}.serial.log"
-        self.stderr_path = workdir / f"{name}.qemu.stderr"
-        for path in (self.serial_path, self.qmp_path):
-            path.unlink(missing_ok=True)
-        self.argv = [
-            QEMU,
-            "-accel",
-            "tcg",
-            "-m",
-            memory,
-            "-smp",
-            "1",
-            "-nodefaults",
-            "-no-user-config",
-            "-display",
-            "none",
-            "-chardev",
-            f"socket,id=ser0,path={self.serial_path},server=on,wait=off,logfile={self.serial_log}",
-            "-serial",
-            "chardev:ser0",
-            "-qmp",
-            f"unix:{self.qmp_path},server=on,wait=off",
-            *argv,
-        ]
-        self.buffer = bytearray()
-        self.started = time.monotonic()
-        with self.stderr_path.open("wb") as stderr:
-            self.proc = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=stderr, stderr=stderr
-            )
-        self.serial = self._connect(self.serial_path, deadline=time.monotonic() + 30)
-
-    # ----------------------------------------------------------------- plumbing
-
-    def _connect(self, path: Path, deadline: float) -> socket.socket:
-        while True:
-            if self.proc.poll() is not None:
-                raise GuestError(f"QEMU exited early ({self.proc.returncode}):\n{self.diag()}")
-            if path.exists():
-                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-                try:
-                    sock.connect(os.fspath(path))
-                    return sock
-                except OSError:
-                    sock.close()
-            if time.monotonic() > deadline:
-                raise GuestError(f"QEMU socket {path} did not appear:\n{self.diag()}")
-            time.sleep(0.02)
-
-    def diag(self) -> str:
-        def tail(path: Path, limit: int = 3000) -> str:
-            try:
-                return path.read_bytes()[-limit:].decode(errors="replace")
-            except OSError:
-                return "<none>"
-
-        return (
-            f"--- argv: {' '.join(self.argv)}\n"
-            f"--- qemu stderr:\n{tail(self.stderr_path)}\n"
-            f"--- serial log tail:\n{tail(self.serial_log)}"
-        )
-
-    def _pump(self, timeout: float) -> None:
-        ready, _, _ = select.select([self.serial], [], [], max(timeout, 0))
-        if ready:
-            data = self.serial.recv(65536)
-            if not data:
-                raise GuestError(f"serial console closed (QEMU exited?):\n{self.diag()}")
-            self.buffer += data
-
-    def lines(self, start: int = 0) -> list[str]:
-        text = _ANSI.sub(b"", bytes(self.buffer[start:])).replace(b"\r", b"")
-        return text.decode(errors="replace").split("\n")
-
-    def wait_line(
-        self, predicate: Callable[[str], bool], timeout: float, start: int = 0, what: str = ""
-    ) -> str:
-        deadline = time.monotonic() + timeout
-        while True:
-            # only complete lines count
-            for line in self.lines(start)[:-1]:
-                if predicate(line.strip()):
-                    return line.strip()
-            if self.proc.poll() is not None:
-                raise GuestError(f"QEMU exited while waiting for {what}:\n{self.diag()}")
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                raise GuestError(
-                    f"timed out after {timeout:.0f}s waiting for {what}:\n{self.diag()}"
-                )
-            self._pump(min(remaining, 0.5))
-
-    def send(self, text: str) -> None:
-        self.serial.sendall(text.encode())
-
-    # ------------------------------------------------------------------- guest
-
-    def wait_ready(self, timeout: float = BOOT_TIMEOUT) -> float:
-        """Wait for the ready marker; return the seconds since QEMU started."""
-        self.wait_line(lambda line: line == READY_MARKER, timeout, what=READY_MARKER)
-        return time.monotonic() - self.started
-
-    def run(self, command: str, timeout: float = COMMAND_TIMEOUT) -> tuple[int, list[str]]:
-        """Run a shell command on the serial console; return (exit status, output lines)."""
-        token = f"{time.monotonic_ns():x}"
-        start = len(self.buffer)
-        # The quotes keep the markers as printed out of the echoed command line.
-        self.send(f"echo B''{token}; {command}; echo E''{token} $?\n")
-        self.wait_line(lambda line: line == f"B{token}", timeout, start, f"start of {command!r}")
-        end = self.wait_line(
-            lambda line: line.startswith(f"E{token} "), timeout, start, f"end of {command!r}"
-        )
-        lines = [ln.strip() for ln in self.lines(start)]
-        begin = lines.index(f"B{token}")
-        finish = lines.index(end, begin)
-        return int(end.split()[1]), [ln for ln in lines[begin + 1 : finish] if ln]
-
-    def qmp(self, *commands: str, timeout: float = 10.0) -> list[dict[str, object]]:
-        """Run QMP commands (after qmp_capabilities); return their 'return' values."""
-        deadline = time.monotonic() + timeout
-        sock = self._connect(self.qmp_path, deadline)
-        results: list[dict[str, object]] = []
-        try:
-            stream = sock.makefile("rwb", buffering=0)
-            sock.settimeout(timeout)
-
-            def reply() -> dict[str, object]:
-                while True:
-                    line = stream.readline()
-                    if not line:
-                        raise GuestError("QMP connection closed")
-                    msg = json.loads(line)
-                    if "return" in msg or "error" in msg:
-                        return dict(msg)
-
-            greeting = json.loads(stream.readline())
-            assert "QMP" in greeting
-            for command in ("qmp_capabilities", *commands):
-                stream.write(json.dumps({"execute": command}).encode() + b"\n")
-                msg = reply()
-                if "error" in msg:
-                    raise GuestError(f"QMP {command} failed: {msg['error']}")
-                results.append(msg)
-        finally:
-            sock.close()
-        return results[1:]
-
-    def powerdown(self, timeout: float = POWERDOWN_TIMEOUT) -> float:
-        """ACPI power button via QMP; wait for QEMU to exit; return seconds taken."""
-        start = time.monotonic()
-        self.qmp("system_powerdown")
-        try:
-            rc = self.proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            raise GuestError(
-                f"QEMU still running {timeout:.0f}s after system_powerdown:\n{self.diag()}"
-            ) from None
-        if rc != 0:
-            raise GuestError(f"QEMU exited with {rc} after system_powerdown:\n{self.diag()}")
-        return time.monotonic() - start
-
-    def kill(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            self.proc.wait(timeout=10)
-        self.serial.close()
-
-
-class StartGuest(Protocol):
-    def __call__(self, name: str, argv: Sequence[str], memory: str = ...) -> Guest: ...
 
 
 @pytest.fixture
 def start_guest(tmp_path: Path) -> Iterator[StartGuest]:
-    guests: list[Guest] = []
-
-    def start(name: str, argv: Sequence[str], memory: str = GUEST_MEMORY) -> Guest:
-        guest = Guest(name, argv, tmp_path, memory)
-        guests.append(guest)
-        return guest
-
-    yield start
-    for guest in guests:
-        guest.kill()
+    with guest_factory(tmp_path) as start:
+        yield start
 
 
-def _overlay(image: Path, tmp_path: Path, name: str = "overlay.qcow2") -> Path:
-    overlay = tmp_path / name
-    subprocess.run(
-        ["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", str(image), str(overlay)],
-        check=True,
-        timeout=60,
-    )
-    return overlay
+def _wait_ready(guest: Guest, timeout: float = BOOT_TIMEOUT) -> float:
+    """Wait for the tiny guest's ready marker; return the seconds since QEMU started."""
+    return guest.wait_marker(READY_MARKER, timeout)
 
 
-def _root_fs_header(overlay: Path, tmp_path: Path) -> str:
+def _root_fs_header(disk: Path, tmp_path: Path) -> str:
     """dumpe2fs -h of partition 2 (the ext4 root) of a qcow2 disk."""
     raw = tmp_path / "check.raw"
     subprocess.run(
-        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(overlay), str(raw)],
+        ["qemu-img", "convert", "-f", "qcow2", "-O", "raw", str(disk), str(raw)],
         check=True,
         timeout=120,
     )
@@ -335,76 +130,59 @@ def _check_udhcpc_script(guest: Guest, iface: str) -> None:
     assert "nameserver 10.0.2.3" in out and "search example.test" in out, out
 
 
-def _report(record_property: Callable[[str, object], None], key: str, seconds: float) -> None:
-    record_property(key, round(seconds, 2))
-    print(f"{key}: {seconds:.1f}s")
-
-
-def _netdev(model: str) -> list[str]:
-    # restrict=on: QEMU's built-in DHCP works, nothing leaves the VM
-    return ["-netdev", "user,id=net0,restrict=on", "-device", f"{model},netdev=net0,romfile="]
-
-
 def test_gen1_bios_ide_boot(
     tiny_image_dir: Path,
     tmp_path: Path,
     start_guest: StartGuest,
     record_property: Callable[[str, object], None],
 ) -> None:
-    overlay = _overlay(tiny_image_path(tiny_image_dir), tmp_path)
+    disk = overlay(tiny_image_path(tiny_image_dir), tmp_path)
     guest = start_guest(
         "gen1",
         [
             "-machine",
             "pc",
             "-drive",
-            f"file={overlay},if=ide,format=qcow2",
-            *_netdev("e1000"),
+            f"file={disk},if=ide,format=qcow2",
+            *netdev("e1000"),
         ],
     )
-    _report(record_property, "gen1_boot_seconds", guest.wait_ready())
+    report(record_property, "gen1_boot_seconds", _wait_ready(guest))
     _check_shell_and_network(guest, "eth0")
     _check_udhcpc_script(guest, "eth0")
-    _report(record_property, "gen1_powerdown_seconds", guest.powerdown())
-    header = _root_fs_header(overlay, tmp_path)
+    report(record_property, "gen1_powerdown_seconds", guest.powerdown())
+    header = _root_fs_header(disk, tmp_path)
     assert re.search(r"^Filesystem state:\s+clean$", header, re.M), header
     assert "needs_recovery" not in header, "root fs was not unmounted cleanly"
 
 
-@pytest.mark.skipif(
-    not (OVMF_CODE.is_file() and OVMF_VARS.is_file()), reason="OVMF (4M) not installed"
-)
+@pytest.mark.skipif(not HAVE_OVMF, reason="OVMF (4M) not installed")
 def test_gen2_uefi_virtio_boot(
     tiny_image_dir: Path,
     tmp_path: Path,
     start_guest: StartGuest,
     record_property: Callable[[str, object], None],
 ) -> None:
-    overlay = _overlay(tiny_image_path(tiny_image_dir), tmp_path)
-    vars_copy = tmp_path / "OVMF_VARS.fd"
-    shutil.copyfile(OVMF_VARS, vars_copy)
+    disk = overlay(tiny_image_path(tiny_image_dir), tmp_path)
     guest = start_guest(
         "gen2",
         [
             "-machine",
             "q35",
+            *uefi_pflash(tmp_path),
             "-drive",
-            f"if=pflash,format=raw,unit=0,readonly=on,file={OVMF_CODE}",
-            "-drive",
-            f"if=pflash,format=raw,unit=1,file={vars_copy}",
-            "-drive",
-            f"file={overlay},if=none,id=disk0,format=qcow2",
+            f"file={disk},if=none,id=disk0,format=qcow2",
             "-device",
             "virtio-blk-pci,drive=disk0,bootindex=0",
-            *_netdev("virtio-net-pci"),
+            *netdev("virtio-net-pci"),
         ],
         memory=UEFI_GUEST_MEMORY,
     )
-    _report(record_property, "gen2_boot_seconds", guest.wait_ready())
+    report(record_property, "gen2_boot_seconds", _wait_ready(guest))
     _check_shell_and_network(guest, "eth0")
     rc, out = guest.run("ls /sys/firmware/efi")
     assert rc == 0 and out, "guest did not boot through UEFI"
-    _report(record_property, "gen2_powerdown_seconds", guest.powerdown())
+    report(record_property, "gen2_powerdown_seconds", guest.powerdown())
 
 
 def test_direct_kernel_boot_and_persistence(
@@ -413,7 +191,7 @@ def test_direct_kernel_boot_and_persistence(
     start_guest: StartGuest,
     record_property: Callable[[str, object], None],
 ) -> None:
-    overlay = _overlay(tiny_image_path(tiny_image_dir), tmp_path)
+    disk = overlay(tiny_image_path(tiny_image_dir), tmp_path)
     argv = [
         "-machine",
         "pc",
@@ -424,17 +202,17 @@ def test_direct_kernel_boot_and_persistence(
         "-append",
         DIRECT_BOOT_CMDLINE,
         "-drive",
-        f"file={overlay},if=virtio,format=qcow2",
+        f"file={disk},if=virtio,format=qcow2",
     ]
     guest = start_guest("direct", argv)
-    _report(record_property, "direct_boot_seconds", guest.wait_ready())
+    report(record_property, "direct_boot_seconds", _wait_ready(guest))
     rc, out = guest.run("echo persisted-$((6 * 7)) > /root/marker; sync; cat /root/marker")
     assert rc == 0 and out == ["persisted-42"], out
-    _report(record_property, "direct_powerdown_seconds", guest.powerdown())
+    report(record_property, "direct_powerdown_seconds", guest.powerdown())
 
     # A second boot of the same overlay sees the file written before power-off.
     again = start_guest("direct2", argv)
-    again.wait_ready()
+    _wait_ready(again)
     rc, out = again.run("cat /root/marker")
     assert rc == 0 and out == ["persisted-42"], out
     again.powerdown()

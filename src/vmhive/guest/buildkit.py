@@ -1,7 +1,9 @@
-"""Tools shared by the guest image builders (the tiny image and its installer ISO).
+"""Tools shared by the guest image builders (the tiny and Debian images, the installer ISO).
 
 A command runner with clear errors, a newc cpio writer for initramfs images,
-and the kernel-module index that copies a module set with its dependencies.
+the kernel-module index that copies a module set with its dependencies, and
+the assembly of a disk that boots under both SeaBIOS and UEFI without loop
+devices (:func:`make_boot_disk`).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -311,3 +313,191 @@ class CpioWriter:
         self._entry("TRAILER!!!", 0, nlink=1)
         data = b"".join(self._chunks)
         return data + b"\0" * ((512 - len(data) % 512) % 512)
+
+
+# ------------------------------------------------------------------ boot disks
+
+SECTOR = 512
+MIB = 1024 * 1024
+#: First sector of the boot partition (1 MiB alignment).
+BOOT_PART_START_SECTOR = 2048
+
+#: Names of the kernel and initramfs on the FAT boot partition (the bootloader
+#: configurations refer to them as /vmlinuz and /initrd.img).
+BOOT_KERNEL_NAME = "vmlinuz"
+BOOT_INITRD_NAME = "initrd.img"
+
+SYSTEMD_BOOT_EFI_CANDIDATES = (
+    Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
+    Path("/lib/systemd/boot/efi/systemd-bootx64.efi"),
+)
+SYSLINUX_MBR_CANDIDATES = (
+    Path("/usr/lib/syslinux/mbr/mbr.bin"),
+    Path("/usr/lib/SYSLINUX/mbr.bin"),
+)
+
+
+@dataclass(frozen=True)
+class DiskLayout:
+    """Size and labels of a disk made by :func:`make_boot_disk`."""
+
+    disk_mib: int
+    boot_label: str
+    root_label: str
+    min_boot_mib: int = 32
+    min_root_mib: int = 64
+    #: ext4 blocks reserved for root, in percent (mkfs.ext4 -m).
+    root_reserved_percent: int = 0
+
+
+def boot_partition_files(
+    kernel: Path, initrd: Path, configs: Mapping[str, str]
+) -> dict[str, Path | str]:
+    """Files of the FAT boot partition: kernel, initramfs, bootloader *configs* and systemd-boot.
+
+    *configs* maps paths on the partition (``syslinux.cfg``, ``loader/...``) to
+    their text. systemd-boot is installed as the UEFI removable-media loader
+    (``EFI/BOOT/BOOTX64.EFI``) so that no NVRAM boot entry is needed.
+    """
+    files: dict[str, Path | str] = {BOOT_KERNEL_NAME: kernel, BOOT_INITRD_NAME: initrd}
+    files.update(configs)
+    efi = first_existing(SYSTEMD_BOOT_EFI_CANDIDATES, "systemd-boot EFI binary", "systemd-boot-efi")
+    files["EFI/BOOT/BOOTX64.EFI"] = efi
+    return files
+
+
+def make_boot_disk(
+    raw: Path, boot_files: Mapping[str, Path | str], root_tree: Path, work: Path, layout: DiskLayout
+) -> None:
+    """Write an MBR disk image *raw* of ``layout.disk_mib`` MiB that boots by BIOS and UEFI.
+
+    Partition 1 (active, type 0xEF, FAT16) holds syslinux (BIOS, with syslinux's
+    MBR code) and *boot_files*; partition 2 (type 0x83, ext4), the last one so
+    that it can grow with the disk, is made from *root_tree* with ``mkfs.ext4 -d``.
+    No loop devices or mounts: both filesystems are built in files and copied
+    into place. *work* holds the intermediate files.
+    """
+    payload = sum(p.stat().st_size for p in boot_files.values() if isinstance(p, Path))
+    boot_mib = max(layout.min_boot_mib, -(-(payload * 3 // 2 + 4 * MIB) // MIB))
+    boot_fs = work / "boot.vfat"
+    _make_boot_fs(boot_fs, boot_mib * MIB, boot_files, work, layout.boot_label)
+
+    root_mib = layout.disk_mib - boot_mib - BOOT_PART_START_SECTOR * SECTOR // MIB
+    if root_mib < layout.min_root_mib:
+        raise GuestBuildError(f"no room for the root filesystem ({root_mib} MiB)")
+    root_fs = work / "root.ext4"
+    _make_root_fs(
+        root_fs, root_mib * MIB, root_tree, layout.root_label, layout.root_reserved_percent
+    )
+    _make_disk(raw, boot_fs, root_fs)
+
+
+def _make_boot_fs(
+    image: Path, size_bytes: int, files: Mapping[str, Path | str], work: Path, label: str
+) -> None:
+    with image.open("wb") as f:
+        f.truncate(size_bytes)
+    run_command(
+        [
+            "mkfs.vfat",
+            "-F",
+            "16",
+            "-n",
+            label,
+            "-h",
+            str(BOOT_PART_START_SECTOR),
+            "-D",
+            "0x80",
+            "-M",
+            "0xF8",
+            "--invariant",
+            image,
+        ]
+    )
+    # BIOS: ldlinux.sys/ldlinux.c32 + boot sector (needs the hidden sectors above)
+    run_command(["syslinux", "--install", image])
+    staging = work / "bootfs"
+    dirs: set[str] = set()
+    for relpath, content in sorted(files.items()):
+        parent = relpath.rpartition("/")[0]
+        while parent:
+            dirs.add(parent)
+            parent = parent.rpartition("/")[0]
+        local = staging / relpath
+        local.parent.mkdir(parents=True, exist_ok=True)
+        if isinstance(content, Path):
+            shutil.copyfile(content, local)
+        else:
+            local.write_text(content)
+    for d in sorted(dirs, key=lambda p: p.count("/")):
+        run_command(["mmd", "-i", image, f"::/{d}"])
+    for relpath in sorted(files):
+        run_command(["mcopy", "-o", "-i", image, staging / relpath, f"::/{relpath}"])
+
+
+def _make_root_fs(
+    image: Path, size_bytes: int, tree: Path, label: str, reserved_percent: int
+) -> None:
+    with image.open("wb") as f:
+        f.truncate(size_bytes)
+    run_command(
+        [
+            "mkfs.ext4",
+            "-q",
+            "-F",
+            "-L",
+            label,
+            "-m",
+            str(reserved_percent),
+            "-E",
+            "root_owner=0:0",
+            "-d",
+            tree,
+            image,
+        ],
+        timeout=1800,
+    )
+
+
+def _copy_sparse(src: Path, dst_file: Path, offset: int) -> None:
+    """Copy *src* into the existing file *dst_file* at *offset*, skipping zero MiBs."""
+    chunk = MIB
+    zero = bytes(chunk)
+    with src.open("rb") as fin, dst_file.open("r+b") as fout:
+        pos = offset
+        while True:
+            data = fin.read(chunk)
+            if not data:
+                break
+            if data != zero[: len(data)]:
+                fout.seek(pos)
+                fout.write(data)
+            pos += len(data)
+
+
+def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
+    boot_sectors = boot_fs.stat().st_size // SECTOR
+    root_start = BOOT_PART_START_SECTOR + boot_sectors
+    root_sectors = root_fs.stat().st_size // SECTOR
+    total = (root_start + root_sectors) * SECTOR
+    with raw.open("wb") as f:
+        f.truncate(total)
+    table = (
+        "label: dos\n"
+        "label-id: 0x7a1e0001\n"
+        "unit: sectors\n"
+        "\n"
+        f"start={BOOT_PART_START_SECTOR}, size={boot_sectors}, type=ef, bootable\n"
+        f"start={root_start}, size={root_sectors}, type=83\n"
+    )
+    run_command(
+        ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw], input_bytes=table.encode()
+    )
+    mbr = first_existing(SYSLINUX_MBR_CANDIDATES, "syslinux mbr.bin", "syslinux-common")
+    code = mbr.read_bytes()
+    if len(code) > 440:
+        raise GuestBuildError(f"{mbr} is larger than the 440-byte MBR boot code area")
+    with raw.open("r+b") as f:
+        f.write(code)
+    _copy_sparse(boot_fs, raw, BOOT_PART_START_SECTOR * SECTOR)
+    _copy_sparse(root_fs, raw, root_start * SECTOR)

@@ -51,14 +51,20 @@ from pathlib import Path
 
 from vmhive.guest import buildkit
 from vmhive.guest.buildkit import (
+    MIB,
     CpioWriter,
+    DiskLayout,
     GuestBuildError,
     ModuleIndex,
-    first_existing,
+    boot_partition_files,
     install_modules,
+    make_boot_disk,
     module_list,
     prepare_kernel,
     run_command,
+)
+from vmhive.guest.buildkit import (  # re-exported: the installer ISO builder uses it
+    SYSTEMD_BOOT_EFI_CANDIDATES as SYSTEMD_BOOT_EFI_CANDIDATES,
 )
 
 #: Debian packages the build needs on the host (besides Python).
@@ -129,19 +135,12 @@ ROOT_MODULES: tuple[str, ...] = (
 )
 
 DISK_SIZE_MIB = 256
-BOOT_PART_START_SECTOR = 2048  # 1 MiB alignment
 MIN_BOOT_PART_MIB = 32
-
-SECTOR = 512
-MIB = 1024 * 1024
-
-SYSTEMD_BOOT_EFI_CANDIDATES = (
-    Path("/usr/lib/systemd/boot/efi/systemd-bootx64.efi"),
-    Path("/lib/systemd/boot/efi/systemd-bootx64.efi"),
-)
-SYSLINUX_MBR_CANDIDATES = (
-    Path("/usr/lib/syslinux/mbr/mbr.bin"),
-    Path("/usr/lib/SYSLINUX/mbr.bin"),
+DISK_LAYOUT = DiskLayout(
+    disk_mib=DISK_SIZE_MIB,
+    boot_label=BOOT_LABEL,
+    root_label=ROOT_LABEL,
+    min_boot_mib=MIN_BOOT_PART_MIB,
 )
 
 FILES_DIR = Path(__file__).resolve().parent / "files"
@@ -421,117 +420,11 @@ def _make_initramfs(tree: Path, output: Path) -> None:
 
 
 def _boot_files(kernel: Path, initrd: Path) -> dict[str, Path | str]:
-    files: dict[str, Path | str] = {KERNEL_NAME: kernel, INITRD_NAME: initrd}
-    for name, relpath in BOOT_FILES.items():
-        files[relpath] = _read_file(name).replace("@CMDLINE@", KERNEL_CMDLINE)
-    efi = first_existing(SYSTEMD_BOOT_EFI_CANDIDATES, "systemd-boot EFI binary", "systemd-boot-efi")
-    files["EFI/BOOT/BOOTX64.EFI"] = efi
-    return files
-
-
-def _make_boot_fs(image: Path, size_bytes: int, files: dict[str, Path | str], work: Path) -> None:
-    with image.open("wb") as f:
-        f.truncate(size_bytes)
-    run_command(
-        [
-            "mkfs.vfat",
-            "-F",
-            "16",
-            "-n",
-            BOOT_LABEL,
-            "-h",
-            str(BOOT_PART_START_SECTOR),
-            "-D",
-            "0x80",
-            "-M",
-            "0xF8",
-            "--invariant",
-            image,
-        ]
-    )
-    # BIOS: ldlinux.sys/ldlinux.c32 + boot sector (needs the hidden sectors above)
-    run_command(["syslinux", "--install", image])
-    staging = work / "bootfs"
-    dirs: set[str] = set()
-    for relpath, content in sorted(files.items()):
-        parent = relpath.rpartition("/")[0]
-        while parent:
-            dirs.add(parent)
-            parent = parent.rpartition("/")[0]
-        local = staging / relpath
-        local.parent.mkdir(parents=True, exist_ok=True)
-        if isinstance(content, Path):
-            shutil.copyfile(content, local)
-        else:
-            local.write_text(content)
-    for d in sorted(dirs, key=lambda p: p.count("/")):
-        run_command(["mmd", "-i", image, f"::/{d}"])
-    for relpath in sorted(files):
-        run_command(["mcopy", "-o", "-i", image, staging / relpath, f"::/{relpath}"])
-
-
-def _make_root_fs(image: Path, size_bytes: int, tree: Path) -> None:
-    with image.open("wb") as f:
-        f.truncate(size_bytes)
-    run_command(
-        [
-            "mkfs.ext4",
-            "-q",
-            "-F",
-            "-L",
-            ROOT_LABEL,
-            "-m",
-            "0",
-            "-E",
-            "root_owner=0:0",
-            "-d",
-            tree,
-            image,
-        ]
-    )
-
-
-def _copy_sparse(src: Path, dst_file: Path, offset: int) -> None:
-    chunk = MIB
-    zero = bytes(chunk)
-    with src.open("rb") as fin, dst_file.open("r+b") as fout:
-        pos = offset
-        while True:
-            data = fin.read(chunk)
-            if not data:
-                break
-            if data != zero[: len(data)]:
-                fout.seek(pos)
-                fout.write(data)
-            pos += len(data)
-
-
-def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
-    boot_sectors = boot_fs.stat().st_size // SECTOR
-    root_start = BOOT_PART_START_SECTOR + boot_sectors
-    root_sectors = root_fs.stat().st_size // SECTOR
-    total = (root_start + root_sectors) * SECTOR
-    with raw.open("wb") as f:
-        f.truncate(total)
-    table = (
-        "label: dos\n"
-        "label-id: 0x7a1e0001\n"
-        "unit: sectors\n"
-        "\n"
-        f"start={BOOT_PART_START_SECTOR}, size={boot_sectors}, type=ef, bootable\n"
-        f"start={root_start}, size={root_sectors}, type=83\n"
-    )
-    run_command(
-        ["sfdisk", "--no-reread", "--no-tell-kernel", "-q", raw], input_bytes=table.encode()
-    )
-    mbr = first_existing(SYSLINUX_MBR_CANDIDATES, "syslinux mbr.bin", "syslinux-common")
-    code = mbr.read_bytes()
-    if len(code) > 440:
-        raise GuestBuildError(f"{mbr} is larger than the 440-byte MBR boot code area")
-    with raw.open("r+b") as f:
-        f.write(code)
-    _copy_sparse(boot_fs, raw, BOOT_PART_START_SECTOR * SECTOR)
-    _copy_sparse(root_fs, raw, root_start * SECTOR)
+    configs = {
+        relpath: _read_file(name).replace("@CMDLINE@", KERNEL_CMDLINE)
+        for name, relpath in BOOT_FILES.items()
+    }
+    return boot_partition_files(kernel, initrd, configs)
 
 
 # ------------------------------------------------------------------------- cache
@@ -647,20 +540,8 @@ def _build(dest: Path, work: Path, packages: _Packages, inputs: str, build_id: s
     root_tree = work / "root"
     _make_root_tree(root_tree, busybox, index, version, build_id)
 
-    files = _boot_files(vmlinuz, initrd)
-    payload = sum(p.stat().st_size for p in files.values() if isinstance(p, Path))
-    boot_mib = max(MIN_BOOT_PART_MIB, -(-(payload * 3 // 2 + 4 * MIB) // MIB))
-    boot_fs = work / "boot.vfat"
-    _make_boot_fs(boot_fs, boot_mib * MIB, files, work)
-
-    root_mib = DISK_SIZE_MIB - boot_mib - BOOT_PART_START_SECTOR * SECTOR // MIB
-    if root_mib < 64:
-        raise GuestBuildError(f"no room for the root filesystem ({root_mib} MiB)")
-    root_fs = work / "root.ext4"
-    _make_root_fs(root_fs, root_mib * MIB, root_tree)
-
     raw = work / "disk.raw"
-    _make_disk(raw, boot_fs, root_fs)
+    make_boot_disk(raw, _boot_files(vmlinuz, initrd), root_tree, work, DISK_LAYOUT)
 
     stage = Path(tempfile.mkdtemp(prefix=".tiny-build-", dir=dest))
     try:

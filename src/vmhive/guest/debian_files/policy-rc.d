@@ -1,0 +1,4 @@
+#!/bin/sh
+# vmhive image build only (removed from the image): start no services in the
+# build chroot.
+exit 101
