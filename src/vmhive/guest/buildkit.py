@@ -8,6 +8,7 @@ devices (:func:`make_boot_disk`).
 
 from __future__ import annotations
 
+import argparse
 import fnmatch
 import gzip
 import logging
@@ -16,7 +17,8 @@ import os
 import shutil
 import stat
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -501,3 +503,38 @@ def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
         f.write(code)
     _copy_sparse(boot_fs, raw, BOOT_PART_START_SECTOR * SECTOR)
     _copy_sparse(root_fs, raw, root_start * SECTOR)
+
+
+# -------------------------------------------------------------------------- CLI
+
+
+def builder_main(
+    argv: Sequence[str] | None,
+    *,
+    prog: str,
+    description: str,
+    build: Callable[[argparse.Namespace], Path],
+    extra_args: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> int:
+    """The command line of an image builder: ``python -m PROG DEST``; prints the result.
+
+    `build` gets the parsed arguments (``dest``, ``work_dir``, and whatever
+    `extra_args` added) and returns the path of what it built.
+    """
+    parser = argparse.ArgumentParser(prog=prog, description=description)
+    parser.add_argument("dest", type=Path, help="destination directory")
+    if extra_args is not None:
+        extra_args(parser)
+    parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediates here")
+    parser.add_argument("-v", "--verbose", action="store_true")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
+    )
+    try:
+        result = build(args)
+    except GuestBuildError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    print(result)
+    return 0

@@ -42,7 +42,6 @@ bookworm, else :data:`DEFAULT_MIRROR`. It works in a temporary directory
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import fnmatch
@@ -66,6 +65,7 @@ from vmhive.guest.buildkit import (
     DiskLayout,
     GuestBuildError,
     boot_partition_files,
+    builder_main,
     make_boot_disk,
 )
 
@@ -800,24 +800,12 @@ def _installed_packages(target: Path) -> dict[str, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vmhive.guest.debian DEST_DIR``: build the image, print its path."""
-    parser = argparse.ArgumentParser(
+    return builder_main(
+        argv,
         prog="python -m vmhive.guest.debian",
         description="Build the vmhive Debian 12 guest image (debootstrap, needs root).",
+        build=lambda args: build_debian_image(args.dest, args.work_dir),
     )
-    parser.add_argument("dest", type=Path, help="destination directory")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediates here")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
-    try:
-        image = build_debian_image(args.dest, args.work_dir)
-    except GuestBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(image)
-    return 0
 
 
 if __name__ == "__main__":

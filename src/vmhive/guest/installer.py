@@ -56,6 +56,7 @@ from vmhive.guest import buildkit
 from vmhive.guest.buildkit import (
     CpioWriter,
     ModuleIndex,
+    builder_main,
     first_existing,
     install_modules,
     module_list,
@@ -610,30 +611,25 @@ def _build(
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vmhive.guest.installer DEST_DIR TINY_DIR``: build, print the ISO path."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vmhive.guest.installer",
-        description="Build the installer ISO of the tiny vmhive test guest.",
-    )
-    parser.add_argument("dest", type=Path, help="destination directory")
-    parser.add_argument("tiny_dir", type=Path, help="directory of the built tiny guest image")
-    parser.add_argument(
-        "--build-tiny", action="store_true", help="build (or refresh) the tiny image first"
-    )
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediates here")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
-    try:
+
+    def extra(parser: argparse.ArgumentParser) -> None:
+        parser.add_argument("tiny_dir", type=Path, help="directory of the built tiny guest image")
+        parser.add_argument(
+            "--build-tiny", action="store_true", help="build (or refresh) the tiny image first"
+        )
+
+    def build(args: argparse.Namespace) -> Path:
         if args.build_tiny:
             build_tiny_image(args.tiny_dir)
-        iso = build_installer_iso(args.dest, args.tiny_dir, args.work_dir)
-    except GuestBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(iso)
-    return 0
+        return build_installer_iso(args.dest, args.tiny_dir, args.work_dir)
+
+    return builder_main(
+        argv,
+        prog="python -m vmhive.guest.installer",
+        description="Build the installer ISO of the tiny vmhive test guest.",
+        build=build,
+        extra_args=extra,
+    )
 
 
 if __name__ == "__main__":

@@ -34,7 +34,6 @@ mounts or network other than the Debian archive.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import fcntl
 import gzip
@@ -57,6 +56,7 @@ from vmhive.guest.buildkit import (
     GuestBuildError,
     ModuleIndex,
     boot_partition_files,
+    builder_main,
     install_modules,
     make_boot_disk,
     module_list,
@@ -576,23 +576,12 @@ def _build(dest: Path, work: Path, packages: _Packages, inputs: str, build_id: s
 
 def main(argv: Sequence[str] | None = None) -> int:
     """``python -m vmhive.guest.tiny DEST_DIR``: build the image, print its path."""
-    parser = argparse.ArgumentParser(
-        prog="python -m vmhive.guest.tiny", description="Build the tiny vmhive test guest image."
+    return builder_main(
+        argv,
+        prog="python -m vmhive.guest.tiny",
+        description="Build the tiny vmhive test guest image.",
+        build=lambda args: build_tiny_image(args.dest, args.work_dir),
     )
-    parser.add_argument("dest", type=Path, help="destination directory")
-    parser.add_argument("--work-dir", type=Path, default=None, help="keep intermediates here")
-    parser.add_argument("-v", "--verbose", action="store_true")
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO, format="%(levelname)s %(message)s"
-    )
-    try:
-        image = build_tiny_image(args.dest, args.work_dir)
-    except GuestBuildError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    print(image)
-    return 0
 
 
 if __name__ == "__main__":
