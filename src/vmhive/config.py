@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,6 +26,7 @@ class Settings:
     accel: str = "auto"  # auto | kvm | tcg
     image_dir: Path | None = None  # None: <data-dir>/images
     create_demo: bool = True
+    default_network: bool = False  # a nat network "default" on first start (`serve` sets it)
     stop_timeout: float = 60.0  # graceful ACPI power-off before forcing
     reconcile_interval: float = 5.0
     serial_log_max_bytes: int = 1024 * 1024
@@ -56,6 +58,13 @@ class Settings:
     @property
     def run_root(self) -> Path:
         return self.data_dir / "run"
+
+    @property
+    def net_run_dir(self) -> Path:
+        """dnsmasq's files: world-searchable (dnsmasq drops root), per daemon, and
+        on tmpfs, so the first start after a host reboot builds networks afresh."""
+        key = hashlib.sha256(str(self.data_dir.resolve()).encode()).hexdigest()[:12]
+        return Path("/run/vmhive") / key
 
     def listen_host_port(self) -> tuple[str, int]:
         host, _, port = self.listen.rpartition(":")

@@ -60,7 +60,10 @@ class CliResult:
 
 
 class Hive:
-    def __init__(self, image_dir: Path, *extra_args: str) -> None:
+    def __init__(self, image_dir: Path, *extra_args: str, netns: str | None = None) -> None:
+        """`netns`: run the daemon (and so its QEMUs, bridges, nftables and dnsmasq)
+        inside that network namespace; without it the daemon creates no network."""
+        self.netns = netns
         self.data_dir = Path(tempfile.mkdtemp(prefix="vh-", dir="/tmp"))
         self.image_dir = image_dir
         self.port = free_port()
@@ -74,8 +77,10 @@ class Hive:
         sock = self.data_dir / "api.sock"
         sock.unlink(missing_ok=True)
         with self.log_path.open("ab") as log:
+            prefix = ["ip", "netns", "exec", self.netns] if self.netns else []
             self.proc = subprocess.Popen(
                 [
+                    *prefix,
                     VMHIVE,
                     "serve",
                     "--data-dir",
@@ -89,6 +94,7 @@ class Hive:
                     "tcg",
                     "--stop-timeout",
                     "60",
+                    *([] if self.netns else ["--no-default-network"]),
                     *self.extra_args,
                 ],
                 stdout=log,

@@ -138,6 +138,7 @@ def test_image_show_import_create_and_delete(hive: Hive) -> None:
     assert image["origin"] == "imported" and image["source"] == str(disk)
     listed = {i["name"]: i for i in hive.cli("image", "list", "-o", "json").json()}
     assert listed["legacy"]["sha256"] == image["sha256"]
+    assert "initrd" not in listed, "the tiny image's initrd is not a disk image"
     dup = hive.cli("image", "import", str(disk), check=False)
     assert dup.rc == 1 and "already exists" in dup.err
 

@@ -22,6 +22,7 @@ from vmhive.services import specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.networks import NetworkService
 from vmhive.services.vms import VmService
 from vmhive.services.volumes import VolumeService
 from vmhive.store.models import Event, Vm
@@ -39,11 +40,13 @@ class Agent:
         lifecycle: Lifecycle,
         volumes: VolumeService,
         images: ImageService,
+        networks: NetworkService,
     ) -> None:
         self.ctx = ctx
         self.vms = vms
         self.volumes = volumes
         self.images = images
+        self.networks = networks
         self.lifecycle = lifecycle
         self._loop_task: asyncio.Task[None] | None = None
         ctx.driver.on_state = self.on_state
@@ -58,6 +61,8 @@ class Agent:
             pid = None  # desired stays: the user still wants it running; the crash shows
             log.warning("VM %s crashed: %s", vm_uuid, reason)
         await self.ctx.record_state(vm_uuid, state.value, reason, desired=desired, pid=pid)
+        if state in (ObservedState.STOPPED, ObservedState.CRASHED):
+            await self.networks.unplug(vm_uuid)
 
     async def recover(self) -> None:
         for job in await self.ctx.runner.recover():
@@ -174,7 +179,9 @@ class Agent:
                 log.exception("reconcile pass failed")
 
     async def reconcile_once(self) -> None:
-        """Level-triggered check: a VM recorded as active must have a live QEMU."""
+        """Level-triggered check: a VM recorded as active must have a live QEMU;
+        the firewall follows the addresses DHCP handed out."""
+        await self.networks.refresh()
         async with self.ctx.sessions() as session:
             vms = list(await session.scalars(select(Vm).where(Vm.state.in_(ACTIVE_STATES))))
         for vm in vms:

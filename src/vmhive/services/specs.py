@@ -19,6 +19,7 @@ from vmhive.hypervisor.spec import (
     RuntimePaths,
     VmSpec,
 )
+from vmhive.network.names import tap_name
 from vmhive.services.errors import InvalidRequest
 from vmhive.services.host import OVMF_CODE
 from vmhive.store.models import Vm
@@ -128,10 +129,23 @@ def build_spec(settings: Settings, vm: Vm, accel: str) -> VmSpec:
         disks=tuple(DiskSpec(path=Path(d.path), format=d.format) for d in vm.disks),
         cdroms=tuple(CdromSpec(iso=Path(c.iso) if c.iso else None) for c in vm.cdroms)
         + ((CdromSpec(iso=vm_dir(settings, vm) / SEED_FILE),) if vm.cloudinit else ()),
-        nics=tuple(NicSpec(mac=n.mac, model=n.model, backend=n.backend) for n in vm.nics),
+        nics=nic_specs(vm),
         boot_order=parse_boot_order(vm.boot_order),
         kernel_boot=kernel_boot,
         firmware=firmware,
+    )
+
+
+def nic_specs(vm: Vm) -> tuple[NicSpec, ...]:
+    """A tap NIC's TAP is named after the VM and the NIC's index (`vmhive.network`)."""
+    return tuple(
+        NicSpec(
+            mac=n.mac,
+            model=n.model,
+            backend=n.backend,
+            tap=tap_name(vm.uuid, n.index) if n.backend == "tap" else None,
+        )
+        for n in vm.nics
     )
 
 

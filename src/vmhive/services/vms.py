@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import shutil
 import uuid as uuidlib
 from dataclasses import dataclass, field
@@ -19,10 +20,13 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest
 from vmhive.services.host import OVMF_VARS
 from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.networks import DEFAULT_NETWORK, NetworkService, check_model
 from vmhive.storage import qemu_img
 from vmhive.storage.cloudinit import CloudInitConfig
 from vmhive.storage.images import ImageStore
-from vmhive.store.models import Cdrom, Disk, Event, Nic, Vm
+from vmhive.store.models import Cdrom, Disk, Event, Network, Nic, Vm
+
+log = logging.getLogger(__name__)
 
 MAX_DISK_BYTES = 64 * 1024**4
 MAX_DISKS = 4  # gen 1 has four IDE slots, shared with CD-ROMs
@@ -52,6 +56,9 @@ class CreateVmRequest:
     cmdline: str | None = None
     nic: bool = True
     mac: str | None = None
+    network: str | None = None  # None: "default" if it exists, else QEMU user-mode NAT
+    nic_model: str | None = None  # virtio | e1000; None: the generation's default
+    ip: str | None = None  # a DHCP reservation on the network
     autostart: bool = False
     description: str = ""
     start: bool = False
@@ -83,9 +90,10 @@ class EditVmRequest:
 
 
 class VmService:
-    def __init__(self, ctx: ServiceContext, lifecycle: Lifecycle) -> None:
+    def __init__(self, ctx: ServiceContext, lifecycle: Lifecycle, networks: NetworkService) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
+        self.networks = networks
         self.images = ImageStore(ctx.settings.images)
 
     def allowed_roots(self) -> list[Path]:
@@ -118,11 +126,23 @@ class VmService:
         sources = [await self._check_disk(d) for d in req.disks]
         mac = specs.check_mac(req.mac) if req.mac else None
 
+        nic_model = check_model(req.nic_model)
         vm_uuid = str(uuidlib.uuid4())
         async with self.ctx.sessions() as session:
             taken = set(await session.scalars(select(Nic.mac)))
             if mac and mac in taken:
                 raise Conflict(f"MAC address {mac} is already in use")
+            network, ip = None, None
+            if req.nic:
+                wanted = req.network
+                if wanted is None and await session.scalar(
+                    select(Network.id).where(Network.name == DEFAULT_NETWORK)
+                ):
+                    wanted = DEFAULT_NETWORK
+                taken_ips = set(await session.scalars(select(Nic.ip).where(Nic.ip.is_not(None))))
+                network, ip = await self.networks.resolve_nic(session, wanted, req.ip, taken_ips)
+            elif req.network or req.ip:
+                raise InvalidRequest("--network and --ip need a NIC")
             vm = Vm(
                 uuid=vm_uuid,
                 name=req.name,
@@ -145,7 +165,16 @@ class VmService:
             if iso or req.cdrom:
                 vm.cdroms.append(Cdrom(index=0, iso=iso))
             if req.nic:
-                vm.nics.append(Nic(index=0, mac=mac or specs.random_mac(taken)))
+                vm.nics.append(
+                    Nic(
+                        index=0,
+                        mac=mac or specs.random_mac(taken),
+                        model=nic_model,
+                        backend="tap" if network else "user",
+                        network_id=network.id if network else None,
+                        ip=ip,
+                    )
+                )
             session.add(vm)
             session.add(Event(vm_uuid=vm_uuid, kind="create", message=f"{req.name}: created"))
             try:
@@ -153,8 +182,12 @@ class VmService:
             except IntegrityError:
                 raise Conflict(f"a VM named {req.name!r} already exists") from None
 
+        reserved_on = network.id if network is not None and ip is not None else None
+
         async def job(ctx: JobContext) -> dict[str, Any]:
             await self._build(ctx, vm_uuid, req, sources)
+            if reserved_on is not None:
+                await self.networks.update_reservations(reserved_on)
             if req.start:
                 await self.lifecycle.do_start(ctx, vm_uuid)
             return {"vm": req.name, "uuid": vm_uuid}
@@ -315,4 +348,14 @@ class VmService:
     async def finish_delete(self, vm_uuid: str) -> None:
         """Remove every file a VM owns, then its record. Safe to run twice."""
         await self.ctx.driver.cleanup(vm_uuid, specs.runtime_paths(self.ctx.settings, vm_uuid))
+        vm = await self.ctx.load_vm_by_uuid(vm_uuid)
+        networks = {n.network_id for n in vm.nics if n.network_id} if vm else set()
+        await self.networks.unplug(vm_uuid)
         await self.ctx.discard_vm(vm_uuid, deleted_event=True)
+        try:
+            for network_id in networks:
+                await self.networks.update_reservations(network_id)
+            if networks:
+                await self.networks.apply_firewall()
+        except JobError as exc:  # the VM is gone; its leftovers are `host cleanup`'s
+            log.error("network update after deleting VM %s failed: %s", vm_uuid, exc)

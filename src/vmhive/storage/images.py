@@ -21,6 +21,8 @@ from typing import Any
 from vmhive.storage import qemu_img
 
 IMAGE_SUFFIXES = {".qcow2": "qcow2", ".raw": "raw", ".img": "raw"}
+# Files of the built images that live beside them but are not disks.
+NOT_IMAGES = frozenset({"initrd.img"})
 BUILT_ORIGINS = {"tiny": "tiny", "debian": "debian"}
 HASH_CHUNK = 4 * 1024 * 1024
 
@@ -58,7 +60,7 @@ class ImageStore:
     def path_of(self, name: str) -> tuple[Path, str] | None:
         for suffix, fmt in IMAGE_SUFFIXES.items():
             candidate = self.root / f"{name}{suffix}"
-            if candidate.is_file():
+            if candidate.is_file() and candidate.name not in NOT_IMAGES:
                 return candidate, fmt
         return None
 
@@ -130,7 +132,10 @@ class ImageStore:
             {
                 p.stem
                 for p in self.root.iterdir()
-                if p.suffix in IMAGE_SUFFIXES and p.is_file() and not p.name.startswith(".")
+                if p.suffix in IMAGE_SUFFIXES
+                and p.is_file()
+                and not p.name.startswith(".")
+                and p.name not in NOT_IMAGES
             }
         )
         images = [await self.get(name) for name in names]
