@@ -31,6 +31,9 @@ from vmhive.services.host import HostInfo, pinned_machines, qemu_version
 from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
+from vmhive.services.networks import NetworkService
+from vmhive.services.snapshot_schedules import ScheduleService
+from vmhive.services.snapshots import SnapshotService
 from vmhive.services.templates import TemplateService
 from vmhive.services.vms import CreateVmRequest, DiskRequest, VmService
 from vmhive.services.volumes import VolumeService
@@ -89,23 +92,35 @@ class Daemon:
             accel=verdict,
         )
         self.ctx = ServiceContext(settings, self.sessions, self.driver, self.runner, self.host)
-        self.lifecycle = Lifecycle(self.ctx)
-        self.vms = VmService(self.ctx, self.lifecycle)
+        self.networks = NetworkService(self.ctx)
+        self.lifecycle = Lifecycle(self.ctx, self.networks)
+        self.vms = VmService(self.ctx, self.lifecycle, self.networks)
         self.volumes = VolumeService(self.ctx)
         self.media = MediaService(self.ctx)
         self.images = ImageService(self.ctx)
         self.cloudinit = CloudInitService(self.ctx)
         self.templates = TemplateService(self.ctx, self.lifecycle)
+        self.snapshots = SnapshotService(self.ctx, self.lifecycle)
+        self.schedules = ScheduleService(self.ctx, self.snapshots)
         await self.volumes.ensure_default_pool()
-        self.agent = Agent(self.ctx, self.vms, self.lifecycle, self.volumes, self.images)
+        await self.networks.restore()
+        if settings.default_network:
+            await self.networks.ensure_default()
+        self.agent = Agent(
+            self.ctx, self.vms, self.lifecycle, self.volumes, self.images, self.networks
+        )
         await self.agent.recover()
+        await self.snapshots.recover()
+        await self.networks.sync_ports()
         await self.agent.autostart()
         self.agent.start_loop()
+        self.schedules.start()
         log.info("accelerator: %s (%s)", verdict.accel, verdict.reason)
 
     async def stop(self) -> None:
         """Let go of everything; running guests are not touched."""
         await self.agent.stop_loop()
+        await self.schedules.stop()
         await self.runner.shutdown()
         await self.driver.detach_all()
         await self.engine.dispose()

@@ -14,8 +14,12 @@ from tests.functional.hive import Hive
 
 pytestmark = pytest.mark.functional
 
-ALICE_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILJHmv3WKihOIZp4SXi5wlLv/IbXAUjf0JS8fPAE/lju alice@laptop"
-ROOT_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINTVDRABZfbPLnix0Fta7Q2s+N8Evqvyh6Z6dlG+ASmr ops@desk"
+ALICE_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAILJHmv3WKihOIZp4SXi5wlLv/IbXAUjf0JS8fPAE/lju alice@laptop"
+)
+ROOT_KEY = (
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAINTVDRABZfbPLnix0Fta7Q2s+N8Evqvyh6Z6dlG+ASmr ops@desk"
+)
 HASH = (
     "$6$vmhive$3Fv0mQ1kq0xJ8z5mY2uWbQp9oYtC/4x6m6zvQqP0x9yq4dQeQv2v4o1uP5Zk3oZ1cQm7P0x0e.tK7pX3n8u1"
 )

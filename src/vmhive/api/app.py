@@ -55,7 +55,15 @@ class BearerAuth:
 
 
 def create_app(daemon: Daemon) -> FastAPI:
-    from vmhive.api import routes_host, routes_images, routes_jobs, routes_storage, routes_vms
+    from vmhive.api import (
+        routes_host,
+        routes_images,
+        routes_jobs,
+        routes_networks,
+        routes_snapshots,
+        routes_storage,
+        routes_vms,
+    )
 
     app = FastAPI(
         title="vmhive",
@@ -77,8 +85,10 @@ def create_app(daemon: Daemon) -> FastAPI:
 
     app.include_router(routes_host.router, prefix="/api")
     app.include_router(routes_images.router, prefix="/api")
+    app.include_router(routes_networks.router, prefix="/api")
     # Before the VMs' router: /vms/{vm}/disks must win over /vms/{name}/{action}.
     app.include_router(routes_storage.router, prefix="/api")
+    app.include_router(routes_snapshots.router, prefix="/api")
     app.include_router(routes_vms.router, prefix="/api")
     app.include_router(routes_jobs.router, prefix="/api")
     return app

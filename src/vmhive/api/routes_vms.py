@@ -38,7 +38,8 @@ async def list_vms(request: Request) -> list[VmOut]:
     daemon = daemon_of(request)
     async with daemon.sessions() as session:
         rows = await session.scalars(select(Vm).where(Vm.state != "deleting").order_by(Vm.name))
-        return [VmOut.of(vm) for vm in rows]
+        networks = daemon.networks
+        return [VmOut.of(vm, {n.index: networks.cached_lease(n) for n in vm.nics}) for vm in rows]
 
 
 @router.post("/vms", status_code=202)
@@ -62,7 +63,9 @@ async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSO
 
 @router.get("/vms/{name}", response_model=VmOut)
 async def show_vm(request: Request, name: str) -> VmOut:
-    return VmOut.of(await daemon_of(request).ctx.load_vm(name))
+    daemon = daemon_of(request)
+    vm = await daemon.ctx.load_vm(name)
+    return VmOut.of(vm, await daemon.networks.addresses(vm))
 
 
 @router.patch("/vms/{name}", response_model=VmOut)
@@ -89,7 +92,9 @@ async def make_template(request: Request, name: str, wait: bool = False) -> JSON
 @router.post("/vms/{name}/clone", status_code=202)
 async def clone_vm(request: Request, name: str, body: VmClone, wait: bool = False) -> JSONResponse:
     daemon = daemon_of(request)
-    job = await daemon.templates.clone(name, body.name, linked=body.linked, start=body.start)
+    job = await daemon.templates.clone(
+        name, body.name, linked=body.linked, start=body.start, snapshot=body.snapshot
+    )
     return await job_response(daemon, job, wait)
 
 

@@ -11,7 +11,7 @@ from vmhive.services.cloudinit import seed_of
 from vmhive.services.errors import InvalidRequest
 from vmhive.storage.cloudinit import CloudInitConfig, CloudInitError, CloudUser, parse_ipconfig
 from vmhive.storage.images import Image
-from vmhive.store.models import Job, JobLog, Vm
+from vmhive.store.models import Job, JobLog, Nic, Vm
 
 
 class DiskIn(BaseModel):
@@ -79,6 +79,9 @@ class VmCreate(BaseModel):
     cmdline: str | None = None
     nic: bool = True
     mac: str | None = None
+    network: str | None = Field(None, description="default: 'default' if it exists")
+    nic_model: str | None = Field(None, description="virtio or e1000")
+    ip: str | None = Field(None, description="a fixed address on the network (DHCP reservation)")
     autostart: bool = False
     description: str = ""
     start: bool = False
@@ -92,6 +95,7 @@ class VmClone(BaseModel):
     name: str
     linked: bool | None = Field(None, description="default: linked from a template, full otherwise")
     start: bool = False
+    snapshot: str | None = Field(None, description="a full copy of the source at this snapshot")
 
 
 class VmEdit(BaseModel):
@@ -122,6 +126,25 @@ class NicOut(BaseModel):
     mac: str
     model: str | None
     backend: str
+    network: str | None = None
+    ip: str | None = Field(None, description="its IPv4 address, as DHCP handed it out")
+    reserved_ip: str | None = None
+    link_up: bool = True
+    vlan: int | None = None
+
+    @classmethod
+    def of(cls, nic: Nic, ip: str | None) -> NicOut:
+        return cls(
+            index=nic.index,
+            mac=nic.mac,
+            model=nic.model,
+            backend=nic.backend,
+            network=nic.network.name if nic.network else None,
+            ip=ip,
+            reserved_ip=nic.ip,
+            link_up=nic.link_up,
+            vlan=nic.vlan,
+        )
 
 
 class VmOut(BaseModel):
@@ -152,7 +175,7 @@ class VmOut(BaseModel):
     updated_at: datetime
 
     @classmethod
-    def of(cls, vm: Vm) -> VmOut:
+    def of(cls, vm: Vm, addresses: dict[int, str | None] | None = None) -> VmOut:
         return cls(
             name=vm.name,
             uuid=vm.uuid,
@@ -176,7 +199,7 @@ class VmOut(BaseModel):
             cmdline=vm.cmdline,
             disks=[DiskOut.model_validate(d, from_attributes=True) for d in vm.disks],
             cdroms=[CdromOut.model_validate(c, from_attributes=True) for c in vm.cdroms],
-            nics=[NicOut.model_validate(n, from_attributes=True) for n in vm.nics],
+            nics=[NicOut.of(n, (addresses or {}).get(n.index)) for n in vm.nics],
             created_at=vm.created_at,
             updated_at=vm.updated_at,
         )

@@ -34,6 +34,8 @@ from vmhive.cli.common import (
     run_job,
     state,
 )
+from vmhive.cli.network import host_cleanup, network_app, nic_app
+from vmhive.cli.snapshots import snapshot_app
 from vmhive.cli.storage import cdrom_app, disk_app, iso_app, pool_app, volume_app
 from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
 
@@ -49,9 +51,13 @@ app.add_typer(host_app, name="host")
 app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(iso_app, name="iso")
+app.add_typer(snapshot_app, name="snapshot")
 vm_app.add_typer(disk_app, name="disk")
 vm_app.add_typer(cdrom_app, name="cdrom")
 vm_app.add_typer(cloudinit_app, name="cloud-init")
+vm_app.add_typer(nic_app, name="nic")
+app.add_typer(network_app, name="network")
+host_app.command("cleanup")(host_cleanup)
 
 
 @app.callback()
@@ -85,6 +91,9 @@ def serve(
         Path | None, typer.Option(help="image store (default: <data-dir>/images)")
     ] = None,
     demo: Annotated[bool, typer.Option(help="create the demo VM on first start")] = True,
+    default_network: Annotated[
+        bool, typer.Option(help="create the nat network 'default' on first start")
+    ] = True,
     stop_timeout: Annotated[
         float, typer.Option(help="seconds of ACPI grace before a stop forces off")
     ] = 60.0,
@@ -106,6 +115,7 @@ def serve(
         accel=accel,
         image_dir=image_dir.resolve() if image_dir else None,
         create_demo=demo,
+        default_network=default_network,
         stop_timeout=stop_timeout,
     )
     try:
@@ -199,7 +209,17 @@ def vm_create(
     kernel: Annotated[str | None, typer.Option(help="direct kernel boot: kernel path")] = None,
     initrd: Annotated[str | None, typer.Option(help="direct kernel boot: initrd path")] = None,
     cmdline: Annotated[str | None, typer.Option(help="direct kernel boot: command line")] = None,
-    nic: Annotated[bool, typer.Option(help="add a NIC (user-mode NAT for now)")] = True,
+    nic: Annotated[bool, typer.Option(help="add a NIC")] = True,
+    network: Annotated[
+        str | None,
+        typer.Option(
+            help="network of the NIC (default: 'default' if it exists, else user-mode NAT)"
+        ),
+    ] = None,
+    nic_model: Annotated[str | None, typer.Option(help="virtio or e1000")] = None,
+    ip: Annotated[
+        str | None, typer.Option(help="fixed address of the NIC (DHCP reservation)")
+    ] = None,
     mac: Annotated[str | None, typer.Option(help="MAC address of the NIC")] = None,
     autostart: Annotated[bool, typer.Option(help="start when the daemon starts")] = False,
     description: Annotated[str, typer.Option(help="free text")] = "",
@@ -241,6 +261,9 @@ def vm_create(
         "initrd": initrd,
         "cmdline": cmdline,
         "nic": nic,
+        "network": network,
+        "nic_model": nic_model,
+        "ip": ip,
         "mac": mac,
         "autostart": autostart,
         "description": description,
@@ -252,7 +275,7 @@ def vm_create(
         out.print(f"VM {name} created" + (" and started" if start else ""))
 
 
-VM_COLUMNS = ("name", "state", "generation", "vcpus", "memory_mib", "pid", "accel")
+VM_COLUMNS = ("name", "state", "generation", "vcpus", "memory_mib", "ip", "pid", "accel")
 
 
 @vm_app.command("list")
@@ -271,6 +294,7 @@ def vm_list(output: OutputOpt = Output.table) -> None:
             "memory_mib": f"{vm['memory_mib']} MiB",
             "pid": vm["pid"] or "-",
             "accel": vm["accel"] or "-",
+            "ip": ", ".join(n["ip"] for n in vm["nics"] if n.get("ip")) or "-",
         }
         table.add_row(*(str(row[c]) for c in VM_COLUMNS))
     out.print(table)
@@ -309,7 +333,10 @@ def vm_show(name: str, output: OutputOpt = Output.table) -> None:
     for cd in vm["cdroms"]:
         table.add_row(f"cdrom{cd['index']}", cd["iso"] or "(empty)")
     for nic in vm["nics"]:
-        table.add_row(f"nic{nic['index']}", f"{nic['mac']} ({nic['backend']})")
+        where = f"network {nic['network']}" if nic["network"] else "user-mode NAT"
+        address = nic["ip"] or (f"reserved {nic['reserved_ip']}" if nic["reserved_ip"] else "")
+        link = "" if nic["link_up"] else ", link down"
+        table.add_row(f"nic{nic['index']}", f"{nic['mac']} ({where}{link}) {address}".rstrip())
     if vm["cloud_init"]:
         table.add_row("cloud-init", f"instance-id {vm['cloud_init_instance_id']}")
     if vm["is_template"]:
@@ -395,12 +422,15 @@ def vm_clone(
         typer.Option("--linked/--full", help="overlay on the template, or a full copy"),
     ] = None,
     start: Annotated[bool, typer.Option(help="start the clone")] = False,
+    snapshot: Annotated[
+        str | None, typer.Option(help="a full copy of SOURCE as this snapshot of it holds it")
+    ] = None,
     wait: WaitOpt = True,
     output: OutputOpt = Output.table,
 ) -> None:
     """Clone a template (linked by default) or a stopped VM (full)."""
     client = api()
-    body = {"name": name, "linked": linked, "start": start}
+    body = {"name": name, "linked": linked, "start": start, "snapshot": snapshot}
     job = run_job(client, client.post(f"/vms/{source}/clone", json=body), output, wait)
     if wait and output == Output.table:
         kind = "linked" if job["result"]["linked"] else "full"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
 
-from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
 
 class ObservedState(StrEnum):
@@ -89,8 +89,13 @@ class Driver(ABC):
             await self.on_state(vm_uuid, state, reason)
 
     @abstractmethod
-    async def start(self, spec: VmSpec) -> int:
-        """Start the VM; returns the PID once its monitor answers."""
+    async def start(self, spec: VmSpec, *, snapshot: str | None = None) -> int:
+        """Start the VM; returns the PID once its monitor answers.
+
+        With `snapshot`, the guest resumes where internal snapshot `snapshot` (one
+        taken with memory) left it: its disks are reverted and its RAM and device
+        state loaded before the vCPUs run.
+        """
 
     @abstractmethod
     async def adopt(self, spec: VmSpec) -> AdoptResult:
@@ -128,6 +133,18 @@ class Driver(ABC):
         """Grow a disk of a running VM; the guest sees the new capacity."""
 
     @abstractmethod
+    async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
+        """Add NIC `index` to a running VM (generation 2)."""
+
+    @abstractmethod
+    async def unplug_nic(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        """Remove NIC `index` from a running VM once the guest has let go of it."""
+
+    @abstractmethod
+    async def set_nic_link(self, vm_uuid: str, index: int, up: bool) -> None:
+        """Link up or down on NIC `index` of a running VM."""
+
+    @abstractmethod
     async def copy_disks_live(
         self,
         vm_uuid: str,
@@ -137,6 +154,36 @@ class Driver(ABC):
     ) -> None:
         """Copy disks (index, new qcow2 file of the same size) of a running VM into
         one crash-consistent point-in-time copy, the guest running on."""
+
+    @abstractmethod
+    async def snapshot(
+        self,
+        vm_uuid: str,
+        tag: str,
+        disks: Sequence[int],
+        *,
+        memory: bool,
+        while_paused: Callable[[], Awaitable[None]] | None = None,
+        timeout: float = 3600,
+    ) -> float:
+        """Internal snapshot `tag` of the given disks of a running VM, all at one
+        instant; with `memory` also its RAM and device state (into the first disk).
+
+        The guest is paused for it and `while_paused` runs inside that pause (to copy
+        what QEMU does not snapshot itself). Returns how long the vCPUs stood still,
+        in seconds (0 for a VM that was paused already).
+        """
+
+    @abstractmethod
+    async def delete_snapshot(
+        self, vm_uuid: str, tag: str, disks: Sequence[int], timeout: float = 3600
+    ) -> None:
+        """Delete internal snapshot `tag` from those of the running VM's disks that have it."""
+
+    @abstractmethod
+    async def settle_snapshot_jobs(self, vm_uuid: str, timeout: float = 600) -> None:
+        """Wait for the snapshot jobs an earlier daemon left running inside the VM's
+        QEMU to end, and clear them (crash recovery)."""
 
     @abstractmethod
     async def insert_media(self, vm_uuid: str, drive: int, iso: Path) -> None:

@@ -2,6 +2,8 @@
 
 It keeps the real driver's contract: start returns a PID, power-off and kill
 report STOPPED through the state callback, `crash` simulates a QEMU death.
+Snapshots of a "running" VM are real internal snapshots of its disk files
+(made with qemu-img, since no QEMU holds them), without RAM.
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from vmhive.hypervisor.base import (
     NotRunning,
     ObservedState,
 )
-from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
 
 class FakeConsole(Console):
@@ -44,17 +46,25 @@ class FakeDriver(Driver):
         self.fail_next_start: str | None = None
         self.resized: dict[tuple[str, str], int] = {}
         self.live_copies: list[tuple[str, list[int]]] = []
+        self.hotplugged_nics: dict[tuple[str, int], NicSpec] = {}
+        self.links: dict[tuple[str, int], bool] = {}
         self.media: dict[tuple[str, int], Path] = {}
         self.hotplugged: dict[tuple[str, int], Path] = {}
+        # (vm uuid, tag, with memory) of every snapshot taken of a running VM
+        self.snapshots_taken: list[tuple[str, str, bool]] = []
+        # vm uuid -> the snapshot its last start loaded
+        self.loaded_snapshots: dict[str, str] = {}
         self._pids = itertools.count(10_000)
         self._stopped: dict[str, asyncio.Event] = {}
 
-    async def start(self, spec: VmSpec) -> int:
+    async def start(self, spec: VmSpec, *, snapshot: str | None = None) -> int:
         if spec.uuid in self.started:
             raise DriverError(f"VM {spec.name} is already running")
         if self.fail_next_start:
             message, self.fail_next_start = self.fail_next_start, None
             raise DriverError(message)
+        if snapshot is not None:
+            self.loaded_snapshots[spec.uuid] = snapshot
         self.started[spec.uuid] = spec
         self.consoles[spec.uuid] = FakeConsole()
         self._stopped[spec.uuid] = asyncio.Event()
@@ -119,6 +129,18 @@ class FakeDriver(Driver):
         self._need(vm_uuid)
         self.hotplugged.pop((vm_uuid, index), None)
 
+    async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
+        self._need(vm_uuid)
+        self.hotplugged_nics[(vm_uuid, index)] = nic
+
+    async def unplug_nic(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        self._need(vm_uuid)
+        self.hotplugged_nics.pop((vm_uuid, index), None)
+
+    async def set_nic_link(self, vm_uuid: str, index: int, up: bool) -> None:
+        self._need(vm_uuid)
+        self.links[(vm_uuid, index)] = up
+
     async def copy_disks_live(
         self,
         vm_uuid: str,
@@ -128,6 +150,36 @@ class FakeDriver(Driver):
     ) -> None:
         self._need(vm_uuid)
         self.live_copies.append((vm_uuid, [index for index, _ in targets]))
+
+    async def snapshot(
+        self,
+        vm_uuid: str,
+        tag: str,
+        disks: Sequence[int],
+        *,
+        memory: bool,
+        while_paused: Callable[[], Awaitable[None]] | None = None,
+        timeout: float = 3600,
+    ) -> float:
+        self._need(vm_uuid)
+        if while_paused is not None:
+            await while_paused()
+        spec = self.started[vm_uuid]
+        for index in disks:
+            await _qemu_img_snapshot("-c", tag, spec.disks[index].path)
+        self.snapshots_taken.append((vm_uuid, tag, memory))
+        return 0.0 if vm_uuid in self.paused else 0.001
+
+    async def delete_snapshot(
+        self, vm_uuid: str, tag: str, disks: Sequence[int], timeout: float = 3600
+    ) -> None:
+        self._need(vm_uuid)
+        spec = self.started[vm_uuid]
+        for index in disks:
+            await _qemu_img_snapshot("-d", tag, spec.disks[index].path)
+
+    async def settle_snapshot_jobs(self, vm_uuid: str, timeout: float = 600) -> None:
+        self._need(vm_uuid)
 
     async def block_resize(self, vm_uuid: str, node: str, size: int) -> None:
         self._need(vm_uuid)
@@ -162,3 +214,14 @@ class FakeDriver(Driver):
     async def cleanup(self, vm_uuid: str, runtime: RuntimePaths) -> None:
         if vm_uuid in self.started:
             raise DriverError("cannot clean up a running VM")
+
+
+async def _qemu_img_snapshot(action: str, tag: str, path: Path) -> None:
+    proc = await asyncio.create_subprocess_exec(
+        "qemu-img", "snapshot", "--image-opts", "-q", action, tag,
+        f"driver=qcow2,file.filename={path}", stderr=asyncio.subprocess.PIPE,
+    )  # fmt: skip
+    _, stderr = await proc.communicate()
+    # As QEMU's snapshot-delete job does, deleting skips disks without the snapshot.
+    if proc.returncode != 0 and not (action == "-d" and b"not found" in stderr):
+        raise DriverError(f"snapshot {action} {tag} failed: {stderr.decode().strip()}")

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 
@@ -18,14 +18,18 @@ from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
-from vmhive.store.models import Disk, Vm
+
+if TYPE_CHECKING:
+    from vmhive.services.networks import NetworkService
+from vmhive.store.models import Disk, Nic, Vm
 
 STARTABLE = ("stopped", "crashed")
 
 
 class Lifecycle:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, networks: NetworkService | None = None) -> None:
         self.ctx = ctx
+        self.networks = networks
 
     async def _submit(
         self,
@@ -83,26 +87,31 @@ class Lifecycle:
 
         return await self._submit(name, "vm.start", self._must_be_stopped, body)
 
-    async def _renumber_disks(self, vm_uuid: str) -> Vm:
-        """QEMU names disks by position (disk0, disk1, ...) at start; after a detach
-        from the middle, the records follow so hot-plug and resize find them."""
+    async def _renumber_devices(self, vm_uuid: str) -> Vm:
+        """QEMU names disks and NICs by position (disk0, net0, ...) at start; after a
+        removal from the middle, the records follow so hot-plug and resize find them."""
         async with self.ctx.sessions() as session:
-            disks = list(
-                await session.scalars(
-                    select(Disk).join(Vm).where(Vm.uuid == vm_uuid).order_by(Disk.index)
+            for model in (Disk, Nic):
+                rows = list(
+                    await session.scalars(
+                        select(model).join(Vm).where(Vm.uuid == vm_uuid).order_by(model.index)
+                    )
                 )
-            )
-            for position, disk in enumerate(disks):
-                if disk.index != position:  # ascending: the slot below is always free
-                    disk.index = position
-                    await session.flush()
+                for position, row in enumerate(rows):
+                    if row.index != position:  # ascending: the slot below is always free
+                        row.index = position
+                        await session.flush()
             await session.commit()
         vm = await self.ctx.load_vm_by_uuid(vm_uuid)
         if vm is None:
             raise JobError("the VM no longer exists")
         return vm
 
-    async def do_start(self, ctx: JobContext, vm_uuid: str, vm: Vm | None = None) -> None:
+    async def do_start(
+        self, ctx: JobContext, vm_uuid: str, vm: Vm | None = None, *, snapshot: str | None = None
+    ) -> None:
+        """Start QEMU for the VM; with `snapshot` (an internal snapshot with RAM), the
+        guest resumes where that snapshot left it instead of booting."""
         vm = vm or await self.ctx.load_vm_by_uuid(vm_uuid)
         if vm is None:
             raise JobError("the VM no longer exists")
@@ -112,8 +121,10 @@ class Lifecycle:
                 raise JobError(f"the VM's UEFI variables file {vars_file} is missing")
         if vm.cloudinit:
             await cloudinit.write_seed(self.ctx.settings, vm)
-        if [d.index for d in vm.disks] != list(range(len(vm.disks))):
-            vm = await self._renumber_disks(vm_uuid)
+        if [d.index for d in vm.disks] != list(range(len(vm.disks))) or [
+            n.index for n in vm.nics
+        ] != list(range(len(vm.nics))):
+            vm = await self._renumber_devices(vm_uuid)
         accel = self.ctx.host.accel.accel
         spec = specs.build_spec(self.ctx.settings, vm, accel)
         previous, previous_reason = vm.state, vm.state_reason
@@ -129,11 +140,16 @@ class Lifecycle:
             )
 
         ctx.on_rollback("put the VM back as it was", undo)
+        if self.networks is not None and any(n.backend == "tap" for n in vm.nics):
+            networks = self.networks
+            ctx.on_rollback("remove the VM's TAPs", lambda: networks.unplug(vm_uuid))
+            await ctx.log("connecting the NICs to their networks")
+            await networks.plug(vm)
         await ctx.log(
             f"starting QEMU ({spec.machine}, {accel}, {vm.vcpus} vCPU, {vm.memory_mib} MiB)"
         )
         try:
-            pid = await self.ctx.driver.start(spec)
+            pid = await self.ctx.driver.start(spec, snapshot=snapshot)
         except DriverError as exc:
             raise JobError(str(exc)) from exc
         finally:

@@ -17,8 +17,9 @@ from vmhive.hypervisor.base import DriverError
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import specs
 from vmhive.services.context import ServiceContext
-from vmhive.services.errors import Conflict, InvalidRequest
+from vmhive.services.errors import Conflict, InvalidRequest, ServiceError
 from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.snapshots import snapshot_source
 from vmhive.storage import qemu_img
 from vmhive.store.models import Cdrom, Disk, Event, Nic, Vm
 
@@ -62,21 +63,34 @@ class TemplateService:
         )
 
     async def clone(
-        self, source: str, name: str, *, linked: bool | None = None, start: bool = False
+        self,
+        source: str,
+        name: str,
+        *,
+        linked: bool | None = None,
+        start: bool = False,
+        snapshot: str | None = None,
     ) -> str:
-        """A new VM from a template (linked or full) or from a stopped VM (full)."""
+        """A new VM from a template (linked or full) or from a stopped VM (full); with
+        `snapshot`, a full copy of the source as that snapshot of it holds it."""
         specs.check_name(name)
         src = await self.ctx.load_vm(source)
+        origin = None
+        if snapshot is not None:
+            if linked:
+                raise InvalidRequest("a clone from a snapshot is a full copy: drop --linked")
+            origin = await snapshot_source(self.ctx, src, snapshot)
+            linked = False
         if linked is None:
             linked = src.is_template
         if linked and not src.is_template:
             raise InvalidRequest(
                 f"a linked clone needs a template: run `vmhive vm template {source}` first, or use --full"
             )
-        live = not src.is_template and self.ctx.driver.is_running(src.uuid)
+        live = origin is None and not src.is_template and self.ctx.driver.is_running(src.uuid)
         if live and src.state != "running":
             raise Conflict(f"VM {source} is {src.state}: clone it running or stopped")
-        if not live and src.state not in ("stopped", "crashed", "running"):
+        if origin is None and not live and src.state not in ("stopped", "crashed", "running"):
             raise Conflict(f"VM {source} is {src.state}: clone it running or stopped")
         if any(d.volume_id is not None for d in src.disks):
             raise InvalidRequest(
@@ -90,10 +104,10 @@ class TemplateService:
             vm = Vm(
                 uuid=new_uuid,
                 name=name,
-                description=f"clone of {source}",
+                description=f"clone of {source}" + (f" at snapshot {snapshot}" if snapshot else ""),
                 generation=src.generation,
-                vcpus=src.vcpus,
-                memory_mib=src.memory_mib,
+                vcpus=origin.vcpus if origin else src.vcpus,
+                memory_mib=origin.memory_mib if origin else src.memory_mib,
                 machine=src.machine,
                 boot_order=src.boot_order,
                 kernel=src.kernel,
@@ -111,24 +125,50 @@ class TemplateService:
             for nic in src.nics:
                 mac = specs.random_mac(taken)
                 taken.add(mac)
-                vm.nics.append(Nic(index=nic.index, mac=mac, model=nic.model, backend=nic.backend))
+                vm.nics.append(
+                    Nic(
+                        index=nic.index,
+                        mac=mac,
+                        model=nic.model,
+                        backend=nic.backend,
+                        network_id=nic.network_id,
+                        vlan=nic.vlan,
+                        link_up=nic.link_up,
+                    )  # a fixed address stays with the source
+                )
             session.add(vm)
             session.add(
-                Event(vm_uuid=new_uuid, kind="create", message=f"{name}: cloned from {source}")
+                Event(
+                    vm_uuid=new_uuid,
+                    kind="create",
+                    message=f"{name}: cloned from {source}"
+                    + (f" at snapshot {snapshot}" if snapshot else ""),
+                )
             )
             try:
                 await session.commit()
             except IntegrityError:
                 raise Conflict(f"a VM named {name!r} already exists") from None
-        disks = [(d.id, d.index, Path(d.path), d.format, d.size_bytes) for d in src.disks]
+        disks: list[tuple[int | None, int, Path, str, int]] = [
+            (d.id, d.index, Path(d.path), d.format, d.size_bytes) for d in src.disks
+        ]
+        if origin is not None:
+            disks = [(None, index, path, "qcow2", 0) for index, path in enumerate(origin.disks)]
         src_uuid = src.uuid
-        src_vars = specs.vm_dir(self.ctx.settings, src) / specs.VARS_FILE
+        src_vars: Path | None = specs.vm_dir(self.ctx.settings, src) / specs.VARS_FILE
+        if origin is not None:
+            src_vars = origin.vars_file
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             async def remove() -> None:
                 await self.ctx.discard_vm(new_uuid)
 
             ctx.on_rollback(f"remove the half-made clone {name}", remove)
+            if snapshot is not None:
+                try:  # the source's lock is held: it cannot go away from here on
+                    await snapshot_source(self.ctx, src, snapshot)
+                except ServiceError as exc:
+                    raise JobError(str(exc)) from None
             directory.mkdir(parents=True)
             rows = []
             if live:
@@ -140,6 +180,17 @@ class TemplateService:
                 elif linked:
                     await ctx.log(f"disk{index}: overlay on template disk {path}")
                     await qemu_img.create_overlay(dest, path, fmt, None)
+                elif origin is not None:
+                    await ctx.log(f"disk{index}: full copy of {path} at snapshot {snapshot}")
+                    share = 90 // max(1, len(disks))
+
+                    async def report_snapshot(
+                        p: int, base: int = n * share, span: int = share
+                    ) -> None:
+                        await ctx.progress(base + p * span // 100)
+
+                    await qemu_img.convert_snapshot(path, origin.tag, dest, report_snapshot)
+                    size = int((await qemu_img.info(dest, "qcow2"))["virtual-size"])
                 else:
                     await ctx.log(f"disk{index}: full copy of {path}")
                     share = 90 // max(1, len(disks))
@@ -159,7 +210,7 @@ class TemplateService:
                         base_disk_id=disk_id if linked else None,
                     )
                 )
-            if src_vars.exists():
+            if src_vars is not None and src_vars.exists():
                 await ctx.log("UEFI: the clone's own copy of the firmware variables")
                 await asyncio.to_thread(shutil.copyfile, src_vars, directory / specs.VARS_FILE)
                 os.chmod(directory / specs.VARS_FILE, 0o600)
@@ -175,15 +226,17 @@ class TemplateService:
                 await self.lifecycle.do_start(ctx, new_uuid)
             return {"vm": name, "uuid": new_uuid, "linked": linked, "live": live}
 
+        # A clone from a snapshot holds the source's lock: the snapshot stays while it is read.
+        target = f"vm:{src_uuid}" if origin is not None else f"vm:{new_uuid}"
         return await self.ctx.runner.submit(
-            "vm.clone", f"vm:{new_uuid}", job, params={"name": name, "source": source}
+            "vm.clone", target, job, params={"name": name, "source": source}
         )
 
     async def _copy_live(
         self,
         ctx: JobContext,
         src_uuid: str,
-        disks: list[tuple[int, int, Path, str, int]],
+        disks: list[tuple[int | None, int, Path, str, int]],
         directory: Path,
     ) -> None:
         """Full copies of a running VM's disks (QEMU mirror jobs), the guest running on."""

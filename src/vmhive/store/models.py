@@ -10,6 +10,7 @@ from sqlalchemy import (
     BigInteger,
     Boolean,
     DateTime,
+    Float,
     ForeignKey,
     Integer,
     String,
@@ -247,3 +248,57 @@ class Setting(Base):
 
     key: Mapped[str] = mapped_column(String(64), primary_key=True)
     value: Mapped[str] = mapped_column(Text)
+
+
+class SnapshotSchedule(Base):
+    """Take a snapshot of a VM every `interval_seconds`, keeping the newest `keep` of them."""
+
+    __tablename__ = "snapshot_schedules"
+    __table_args__ = (UniqueConstraint("vm_id", "interval_seconds"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    interval_seconds: Mapped[int] = mapped_column(Integer)
+    keep: Mapped[int] = mapped_column(Integer)
+    with_memory: Mapped[bool] = mapped_column(Boolean, default=False)
+    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Snapshot(Base):
+    """One point in time of a VM: the internal qcow2 snapshot `tag` in each of its disks
+    (with the RAM and device state in the first disk's when `with_memory`), plus a copy
+    of its UEFI variables. The tree (parent, current) is vmhive's own record.
+
+    status: creating | ready | reverting | deleting; the marks let crash recovery
+    roll an interrupted operation back (creating) or forward (reverting, deleting).
+    """
+
+    __tablename__ = "snapshots"
+    __table_args__ = (UniqueConstraint("vm_id", "name"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    vm_id: Mapped[int] = mapped_column(ForeignKey("vms.id", ondelete="CASCADE"), index=True)
+    name: Mapped[str] = mapped_column(String(63))
+    tag: Mapped[str] = mapped_column(String(64), unique=True)
+    parent_id: Mapped[int | None] = mapped_column(
+        ForeignKey("snapshots.id", ondelete="SET NULL"), nullable=True
+    )
+    schedule_id: Mapped[int | None] = mapped_column(
+        ForeignKey("snapshot_schedules.id", ondelete="SET NULL"), nullable=True
+    )
+    description: Mapped[str] = mapped_column(Text, default="")
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    with_memory: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The VM's observed state when the snapshot was taken: running | paused | stopped.
+    vm_state: Mapped[str] = mapped_column(String(16))
+    # The saved RAM and device state plus the UEFI variables copy, in bytes.
+    size_bytes: Mapped[int] = mapped_column(BigInteger, default=0)
+    # How long the guest's vCPUs stood still for it (None: the VM was not running).
+    pause_ms: Mapped[float | None] = mapped_column(Float, nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="creating")
+    # The snapshot the VM's present state descends from: the parent of the next one.
+    is_current: Mapped[bool] = mapped_column(Boolean, default=False)
+    # What a revert restores besides the disks: {"vcpus", "memory_mib", "disks": [paths]}
+    hardware: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)

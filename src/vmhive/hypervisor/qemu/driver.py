@@ -38,7 +38,7 @@ from vmhive.hypervisor.qemu.process import (
 )
 from vmhive.hypervisor.qemu.qmp import MonitorError, QmpMonitor
 from vmhive.hypervisor.qemu.serial import SerialConsole
-from vmhive.hypervisor.spec import RuntimePaths, VmSpec
+from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +64,28 @@ class _BlockJob:
 
 
 @dataclass
+class _QemuJob:
+    """A QEMU job (snapshot-save/load/delete) as JOB_STATUS_CHANGE events report it."""
+
+    concluded: asyncio.Event = field(default_factory=asyncio.Event)
+    status: str = "created"
+
+
+@dataclass
+class _PauseWindow:
+    """When QEMU says the vCPUs stopped and started again (its event timestamps)."""
+
+    stopped_at: float | None = None
+    resumed_at: float | None = None
+    resumed: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def seconds(self) -> float | None:
+        if self.stopped_at is None or self.resumed_at is None:
+            return None
+        return max(0.0, self.resumed_at - self.stopped_at)
+
+
+@dataclass
 class _Vm:
     spec: VmSpec
     process: QemuProcess
@@ -78,6 +100,10 @@ class _Vm:
     # block job id -> its progress as QEMU's events report it
     block_jobs: dict[str, _BlockJob] = field(default_factory=dict)
     stopped: asyncio.Event = field(default_factory=asyncio.Event)
+    # QEMU job id -> its status as QEMU's events report it
+    qemu_jobs: dict[str, _QemuJob] = field(default_factory=dict)
+    # Set while a snapshot pauses the guest, to measure the pause
+    pause: _PauseWindow | None = None
 
 
 class QemuDriver(Driver):
@@ -90,7 +116,7 @@ class QemuDriver(Driver):
 
     # -- start and adopt ----------------------------------------------------
 
-    async def start(self, spec: VmSpec) -> int:
+    async def start(self, spec: VmSpec, *, snapshot: str | None = None) -> int:
         if spec.uuid in self._vms:
             raise DriverError(f"VM {spec.name} is already running")
         run_dir = spec.runtime.run_dir
@@ -125,6 +151,8 @@ class QemuDriver(Driver):
             ).save(run_dir)
             vm = _Vm(spec, process, monitor, serial)
             self._vms[spec.uuid] = vm
+            if snapshot is not None:
+                await self._load_snapshot(vm, snapshot)
             await monitor.cont()
         except BaseException as exc:
             self._vms.pop(spec.uuid, None)
@@ -281,9 +309,22 @@ class QemuDriver(Driver):
                         vm.shutdown_reason = "the guest powered itself off"
                 await self._report(uuid, ObservedState.STOPPING, vm.shutdown_reason)
             elif event.name == "STOP":
-                await self._report(uuid, ObservedState.PAUSED, "")
+                if vm.pause is not None:  # a snapshot's instant, not a state to record
+                    vm.pause.stopped_at = event.timestamp
+                else:
+                    await self._report(uuid, ObservedState.PAUSED, "")
             elif event.name == "RESUME":
-                await self._report(uuid, ObservedState.RUNNING, "")
+                if vm.pause is not None:
+                    vm.pause.resumed_at = event.timestamp
+                    vm.pause.resumed.set()
+                else:
+                    await self._report(uuid, ObservedState.RUNNING, "")
+            elif event.name == "JOB_STATUS_CHANGE":
+                qemu_job = vm.qemu_jobs.get(str(event.data.get("id", "")))
+                if qemu_job is not None:
+                    qemu_job.status = str(event.data.get("status", ""))
+                    if qemu_job.status == "concluded":
+                        qemu_job.concluded.set()
             elif event.name == "DEVICE_DELETED":
                 device = str(event.data.get("device", ""))
                 vm.unplugged.setdefault(device, asyncio.Event()).set()
@@ -425,6 +466,194 @@ class QemuDriver(Driver):
             for node_name in reversed(added):
                 with contextlib.suppress(MonitorError):
                     await monitor.blockdev_del(node_name)
+
+    async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
+        """Add NIC `index` (a TAP opened by name) to a running generation 2 VM."""
+        vm = self._get(vm_uuid)
+        if vm.spec.generation != 2:
+            raise DriverError("NICs can be hot-plugged on generation 2 VMs only")
+        if nic.backend != "tap" or nic.tap is None:
+            raise DriverError("only TAP NICs can be hot-plugged")
+        name = f"net{index}"
+        try:
+            port = await self._free_root_port(vm)
+            await vm.monitor.netdev_add(
+                {"type": "tap", "id": name, "ifname": nic.tap, "script": "no", "downscript": "no"}
+            )
+            vm.unplugged.pop(name, None)
+            try:
+                await vm.monitor.device_add(
+                    {
+                        "driver": nic.model or "virtio-net-pci",
+                        "id": name,
+                        "netdev": name,
+                        "mac": nic.mac,
+                        "bus": port,
+                    }
+                )
+            except MonitorError:
+                with contextlib.suppress(MonitorError):
+                    await vm.monitor.netdev_del(name)
+                raise
+        except MonitorError as exc:
+            raise DriverError(f"hot-plug of NIC {index} failed: {exc}") from exc
+
+    async def unplug_nic(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
+        """Remove NIC `index` from a running VM once the guest has let go of it."""
+        vm = self._get(vm_uuid)
+        name = f"net{index}"
+        released = vm.unplugged.setdefault(name, asyncio.Event())
+        released.clear()
+        try:
+            await vm.monitor.device_del(name)
+            try:
+                await asyncio.wait_for(released.wait(), timeout)
+            except TimeoutError:
+                raise DriverError(
+                    f"the guest did not release NIC {index} within {timeout:g} s"
+                ) from None
+            await vm.monitor.netdev_del(name)
+        except MonitorError as exc:
+            raise DriverError(f"unplug of NIC {index} failed: {exc}") from exc
+
+    async def set_nic_link(self, vm_uuid: str, index: int, up: bool) -> None:
+        await self._command(vm_uuid, "set_link", f"net{index}", up)
+
+    # -- snapshots ----------------------------------------------------------------
+
+    async def snapshot(
+        self,
+        vm_uuid: str,
+        tag: str,
+        disks: Sequence[int],
+        *,
+        memory: bool,
+        while_paused: Callable[[], Awaitable[None]] | None = None,
+        timeout: float = 3600,
+    ) -> float:
+        """Disk-only: a `transaction` of internal snapshots, inside a stop/cont.
+        With memory: a snapshot-save job (QEMU keeps the vCPUs stopped while it
+        writes the RAM into the first disk), inside the same stop/cont."""
+        vm = self._get(vm_uuid)
+        monitor = vm.monitor
+        nodes = [f"disk{index}" for index in disks]
+        window = _PauseWindow()
+        began = time.monotonic()
+        try:
+            was_running = (await monitor.query_status()).running
+            if was_running:
+                vm.pause = window
+                await monitor.stop()
+            try:
+                if while_paused is not None:
+                    await while_paused()
+                if memory:
+                    job_id = f"save-{tag}"
+                    await self._run_job(
+                        vm,
+                        job_id,
+                        lambda: monitor.snapshot_save(job_id, tag, nodes[0], nodes),
+                        timeout,
+                    )
+                else:
+                    await monitor.snapshot_internal(tag, nodes)
+            finally:
+                if was_running:
+                    await monitor.cont()
+            if not was_running:
+                return 0.0
+            elapsed = time.monotonic() - began
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(window.resumed.wait(), EVENT_DRAIN_DEADLINE)
+            paused = window.seconds()
+            return elapsed if paused is None else paused
+        except MonitorError as exc:
+            raise DriverError(f"snapshot failed: {exc}") from exc
+        finally:
+            vm.pause = None
+
+    async def delete_snapshot(
+        self, vm_uuid: str, tag: str, disks: Sequence[int], timeout: float = 3600
+    ) -> None:
+        vm = self._get(vm_uuid)
+        nodes = [f"disk{index}" for index in disks]
+        job_id = f"delete-{tag}"
+        try:
+            await self._run_job(
+                vm, job_id, lambda: vm.monitor.snapshot_delete(job_id, tag, nodes), timeout
+            )
+        except MonitorError as exc:
+            raise DriverError(f"deleting snapshot failed: {exc}") from exc
+
+    async def settle_snapshot_jobs(self, vm_uuid: str, timeout: float = 600) -> None:
+        vm = self._get(vm_uuid)
+        trackers: dict[str, _QemuJob] = {}
+        try:
+            for job in await vm.monitor.query_jobs():
+                if str(job.get("type", "")).startswith("snapshot-"):
+                    trackers[str(job["id"])] = vm.qemu_jobs.setdefault(str(job["id"]), _QemuJob())
+            # Asked again now that the trackers exist: a job that concluded in between
+            # sent its last event before anyone listened for it.
+            for job in await vm.monitor.query_jobs():
+                tracker = trackers.get(str(job.get("id", "")))
+                if tracker is not None and job.get("status") == "concluded":
+                    tracker.concluded.set()
+            for job_id, tracker in trackers.items():
+                await self._wait_job(vm, tracker, timeout)
+                await vm.monitor.job_dismiss(job_id)
+        except MonitorError as exc:
+            raise DriverError(f"cannot clear QEMU's snapshot jobs: {exc}") from exc
+        finally:
+            for job_id in trackers:
+                vm.qemu_jobs.pop(job_id, None)
+
+    async def _load_snapshot(self, vm: _Vm, tag: str) -> None:
+        """At start, before `cont`: revert the disks and load the RAM of `tag`. The
+        watcher does not run yet, so the events are pumped for the job's duration."""
+        nodes = [f"disk{index}" for index in range(len(vm.spec.disks))]
+        if not nodes:
+            raise DriverError("a VM without disks has no snapshot to load")
+        job_id = f"load-{tag}"
+        pump = asyncio.create_task(self._pump_events(vm))
+        try:
+            await self._run_job(
+                vm, job_id, lambda: vm.monitor.snapshot_load(job_id, tag, nodes[0], nodes), 600
+            )
+        finally:
+            pump.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await pump
+
+    async def _run_job(
+        self, vm: _Vm, job_id: str, begin: Callable[[], Awaitable[None]], timeout: float
+    ) -> None:
+        """Start a QEMU job, wait for it to conclude, read its error, dismiss it."""
+        tracker = vm.qemu_jobs[job_id] = _QemuJob()
+        try:
+            await begin()
+            await self._wait_job(vm, tracker, timeout)
+            error = next(
+                (
+                    str(job["error"])
+                    for job in await vm.monitor.query_jobs()
+                    if job.get("id") == job_id and "error" in job
+                ),
+                None,
+            )
+            await vm.monitor.job_dismiss(job_id)
+        finally:
+            vm.qemu_jobs.pop(job_id, None)
+        if error is not None:
+            raise DriverError(error)
+
+    async def _wait_job(self, vm: _Vm, tracker: _QemuJob, timeout: float) -> None:
+        if not tracker.concluded.is_set() and not vm.process.exited.is_set():
+            await _first_set([tracker.concluded, vm.process.exited], timeout)
+        if tracker.concluded.is_set():
+            return
+        if vm.process.exited.is_set():
+            raise DriverError(f"QEMU exited during the job: {vm.process.exit_reason()}")
+        raise DriverError(f"QEMU's job did not end within {timeout:g} s")
 
     async def _free_root_port(self, vm: _Vm) -> str:
         """The first pcie-root-port with nothing plugged in, as QEMU sees it now."""

@@ -55,7 +55,7 @@ import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -533,6 +533,16 @@ class QmpMonitor:
         """Grow a disk under a running guest (the guest sees a capacity change)."""
         await self._execute("block_resize", {"node-name": node_name, "size": size})
 
+    async def netdev_add(self, netdev: Mapping[str, object]) -> None:
+        await self._execute("netdev_add", netdev)
+
+    async def netdev_del(self, netdev_id: str) -> None:
+        await self._execute("netdev_del", {"id": netdev_id})
+
+    async def set_link(self, device_id: str, up: bool) -> None:
+        """Plug or unplug the virtual cable of a NIC (the guest sees link up/down)."""
+        await self._execute("set_link", {"name": device_id, "up": up})
+
     async def blockdev_mirror(self, job_id: str, device: str, target: str) -> None:
         """Copy a whole disk (its backing chain flattened) to `target` while the guest
         writes on; BLOCK_JOB_READY says the two are in sync from then on."""
@@ -549,6 +559,49 @@ class QmpMonitor:
     async def query_block_jobs(self) -> list[dict[str, Any]]:
         result = await self._execute("query-block-jobs")
         return [dict(job) for job in result] if isinstance(result, list) else []
+
+    async def snapshot_internal(self, tag: str, nodes: Sequence[str]) -> None:
+        """Internal snapshot `tag` of every node in one transaction: all or none,
+        at one instant (QEMU drains their I/O together)."""
+        actions = [
+            {"type": "blockdev-snapshot-internal-sync", "data": {"device": node, "name": tag}}
+            for node in nodes
+        ]
+        await self._execute("transaction", {"actions": actions})
+
+    async def snapshot_save(
+        self, job_id: str, tag: str, vmstate: str, nodes: Sequence[str]
+    ) -> None:
+        """Start a job saving RAM and device state into `vmstate` and snapshot `tag` of
+        every node; JOB_STATUS_CHANGE events follow it to `concluded`."""
+        await self._execute(
+            "snapshot-save",
+            {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": list(nodes)},
+        )
+
+    async def snapshot_load(
+        self, job_id: str, tag: str, vmstate: str, nodes: Sequence[str]
+    ) -> None:
+        """Start a job reverting every node to snapshot `tag` and loading its RAM."""
+        await self._execute(
+            "snapshot-load",
+            {"job-id": job_id, "tag": tag, "vmstate": vmstate, "devices": list(nodes)},
+        )
+
+    async def snapshot_delete(self, job_id: str, tag: str, nodes: Sequence[str]) -> None:
+        """Start a job deleting snapshot `tag` from those of `nodes` that have it."""
+        await self._execute(
+            "snapshot-delete", {"job-id": job_id, "tag": tag, "devices": list(nodes)}
+        )
+
+    async def query_jobs(self) -> list[dict[str, Any]]:
+        """QEMU's generic jobs (id, type, status, error once concluded)."""
+        result = await self._execute("query-jobs")
+        return [dict(job) for job in result] if isinstance(result, list) else []
+
+    async def job_dismiss(self, job_id: str) -> None:
+        """Forget a concluded job (snapshot jobs wait for this)."""
+        await self._execute("job-dismiss", {"id": job_id})
 
     async def quit(self) -> None:
         """Make QEMU exit.
