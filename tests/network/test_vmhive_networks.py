@@ -9,8 +9,10 @@ run in order, each building on what the previous one left.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
+import signal
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +23,7 @@ from tests.functional.hive import Hive, wait_for
 from tests.network.conftest import NetnsFactory
 from tests.network.helpers import Netns, kill_and_wait, processes_with_arg_prefix
 from vmhive.config import Settings
+from vmhive.network import tap_name
 
 pytestmark = [pytest.mark.network, pytest.mark.functional]
 
@@ -198,6 +201,34 @@ def test_restart_keeps_traffic_and_everything_goes_away(hive: Hive, host: Netns)
     hive.start()
     assert dnsmasq_pids(hive) == before, "the daemon re-adopts the DHCP servers"
     assert host.ping(a1) and guest_ping(hive, "a2", "10.77.10.1")
+
+    # Stopping a VM takes its TAP away; starting it brings the TAP back.
+    tap = tap_name(hive.vm("b1")["uuid"], 0)
+    assert tap in host.run("ip", "-br", "link").stdout
+    hive.cli("vm", "force-stop", "b1")
+    assert tap not in host.run("ip", "-br", "link").stdout
+    assert hive.cli("host", "cleanup", "--dry-run", "-o", "json").json()["taps"] == []
+
+    # A host reboot: guests, bridges, TAPs, rules and DHCP servers all gone.
+    hive.kill_daemon()
+    for pid in hive.qemu_pids():
+        os.kill(pid, signal.SIGKILL)
+    wait_for(lambda: not hive.qemu_pids(), 15, "the guests to die")
+    for pid in dnsmasq_pids(hive):
+        kill_and_wait(pid)
+    for line in host.run("ip", "-br", "link").stdout.splitlines():
+        if line.startswith("vh-"):
+            host.run("ip", "link", "del", line.split()[0].split("@")[0], check=False)
+    host.run("nft", "flush", "ruleset")
+    shutil.rmtree(net_run_dir(hive))
+    hive.start()
+    lab = hive.cli("network", "show", "lab", "-o", "json").json()
+    assert "10.77.10.1/24" in host.run("ip", "-br", "addr", "show", lab["bridge"]).stdout
+    assert len(dnsmasq_pids(hive)) == 4 and "vmhive" in host.run("nft", "list", "tables").stdout
+    hive.cli("vm", "start", "b1")
+    assert lease_of(hive, "b1") == "10.77.11.20"
+    hive.wait_ready("b1", count=2)
+    assert guest_ping(hive, "b1", "10.77.11.1"), "the network works again after the reboot"
 
     host.run("ip", "link", "add", "vh-bstray", "type", "bridge")
     stray = hive.cli("host", "cleanup", "--dry-run", "-o", "json").json()
