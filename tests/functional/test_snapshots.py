@@ -78,6 +78,8 @@ def test_gen2_two_disks_ram_and_disk_snapshots_tree_delete_and_clone(hive: Hive)
     guest(hive, "snap2", "echo one > /root/f; echo disk1-one > /dev/vdb; sync")
     job = hive.cli("snapshot", "create", "snap2", "s1", "-o", "json").json()
     assert job["result"]["pause_ms"] is not None and job["result"]["pause_ms"] > 0
+    log = [line["message"] for line in job["log"]]
+    assert "no guest agent: the snapshot is crash-consistent" in log, log
     s1 = snapshots(hive, "snap2")["s1"]
     assert (s1["with_memory"], s1["vm_state"], s1["disks"]) == (False, "running", [disk0, disk1])
     assert tags(disk0) == tags(disk1) == [s1["tag"]], "every disk holds the snapshot"

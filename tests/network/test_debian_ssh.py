@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -76,5 +77,20 @@ def test_ssh_through_a_port_forward_into_a_debian_vm(
     ).stdout.split()[-1]
     assert int(size) >= 3
     assert hive.vm("deb")["nics"][0]["ip"] == "10.77.30.10"
+
+    # The image runs qemu-guest-agent: a disk-only snapshot freezes and thaws its
+    # filesystems (application-consistent), and the guest writes on afterwards.
+    def agent_froze() -> list[str] | None:
+        job = hive.cli("snapshot", "create", "deb", f"s{time.monotonic_ns()}", "-o", "json").json()
+        log = [line["message"] for line in job["log"]]
+        return log if any("froze" in line for line in log) else None
+
+    log = wait_for(agent_froze, 120, "the guest agent to freeze for a snapshot", interval=5)
+    froze = next(line for line in log if "froze" in line)
+    assert int(froze.split("froze ")[1].split()[0]) >= 1, log
+    assert any("thawed" in line for line in log), log
+    writes = subprocess.run([*ssh, "echo after > ~/after && cat ~/after"], capture_output=True,
+                            text=True, timeout=60)  # fmt: skip
+    assert writes.stdout.strip() == "after", writes.stderr
     hive.cli("vm", "delete", "deb", "--force")
     hive.cli("network", "delete", "lab")

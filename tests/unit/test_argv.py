@@ -168,7 +168,7 @@ def test_argv_invariants(case: str) -> None:
     nodes = [b["node-name"] for b in blockdevs]
     assert len(nodes) == len(set(nodes)), nodes
 
-    expected_ids = {"video0", "serial0"}
+    expected_ids = {"video0", "serial0", "qga0"}
     expected_ids |= {f"disk{i}" for i in range(len(spec.disks))}
     expected_ids |= {f"cdrom{i}" for i in range(len(spec.cdroms))}
     expected_ids |= {f"net{i}" for i in range(len(spec.nics))}
@@ -182,6 +182,8 @@ def test_argv_invariants(case: str) -> None:
         if "bus" in dev:
             assert dev["bus"] in builtin | created, dev
         created.add(dev["id"])
+        if dev["driver"] == "virtio-serial-pci":
+            created.add(f"{dev['id']}.0")  # the serial bus it brings
     # Every drive refers to a format node.
     for dev in devices:
         if "drive" in dev:

@@ -133,6 +133,14 @@ class Driver(ABC):
         """Grow a disk of a running VM; the guest sees the new capacity."""
 
     @abstractmethod
+    async def freeze_filesystems(self, vm_uuid: str) -> int | None:
+        """Freeze the guest's filesystems through its agent: how many, or None (no agent)."""
+
+    @abstractmethod
+    async def thaw_filesystems(self, vm_uuid: str) -> int:
+        """Thaw what `freeze_filesystems` froze."""
+
+    @abstractmethod
     async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
         """Add NIC `index` to a running VM (generation 2)."""
 

@@ -47,6 +47,9 @@ class FakeDriver(Driver):
         self.resized: dict[tuple[str, str], int] = {}
         self.live_copies: list[tuple[str, list[int]]] = []
         self.hotplugged_nics: dict[tuple[str, int], NicSpec] = {}
+        # VMs whose guest runs an agent: uuid -> how many filesystems it freezes
+        self.agents: dict[str, int] = {}
+        self.frozen: set[str] = set()
         self.links: dict[tuple[str, int], bool] = {}
         self.media: dict[tuple[str, int], Path] = {}
         self.hotplugged: dict[tuple[str, int], Path] = {}
@@ -128,6 +131,18 @@ class FakeDriver(Driver):
     async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
         self._need(vm_uuid)
         self.hotplugged.pop((vm_uuid, index), None)
+
+    async def freeze_filesystems(self, vm_uuid: str) -> int | None:
+        self._need(vm_uuid)
+        if vm_uuid not in self.agents:
+            return None
+        self.frozen.add(vm_uuid)
+        return self.agents[vm_uuid]
+
+    async def thaw_filesystems(self, vm_uuid: str) -> int:
+        self._need(vm_uuid)
+        self.frozen.discard(vm_uuid)
+        return self.agents.get(vm_uuid, 0)
 
     async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
         self._need(vm_uuid)

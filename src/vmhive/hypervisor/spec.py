@@ -95,6 +95,11 @@ class RuntimePaths:
         return self.run_dir / "vnc.sock"
 
     @property
+    def qga_socket(self) -> Path:
+        """The guest agent's virtio-serial port (org.qemu.guest_agent.0)."""
+        return self.run_dir / "qga.sock"
+
+    @property
     def pidfile(self) -> Path:
         return self.run_dir / "qemu.pid"
 

@@ -229,6 +229,17 @@ class SnapshotService:
         pause_ms = None
         what = "disks, RAM and device state" if snap.with_memory else f"{len(paths)} disk(s)"
         if running:
+            frozen = None
+            if not snap.with_memory:  # with RAM, the guest resumes mid-write anyway
+                try:
+                    frozen = await self.ctx.driver.freeze_filesystems(vm.uuid)
+                except DriverError as exc:
+                    raise JobError(str(exc)) from exc
+                await ctx.log(
+                    "no guest agent: the snapshot is crash-consistent"
+                    if frozen is None
+                    else f"the guest agent froze {frozen} filesystem(s): application-consistent"
+                )
             await ctx.log(f"snapshot of the running VM's {what}; the guest pauses for it")
             try:
                 paused = await self.ctx.driver.snapshot(
@@ -236,6 +247,13 @@ class SnapshotService:
                 )
             except DriverError as exc:
                 raise JobError(str(exc)) from exc
+            finally:
+                if frozen is not None:
+                    try:
+                        thawed = await self.ctx.driver.thaw_filesystems(vm.uuid)
+                        await ctx.log(f"the guest agent thawed {thawed} filesystem(s)")
+                    except DriverError as exc:
+                        await ctx.log(f"thaw failed: {exc}")
             pause_ms = round(paused * 1000, 3)
             await ctx.log(f"the guest was paused for {pause_ms:.1f} ms")
         else:

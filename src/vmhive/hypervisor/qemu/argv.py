@@ -213,6 +213,7 @@ def validate_spec(spec: VmSpec) -> None:
         ("QMP socket", spec.runtime.qmp_socket),
         ("serial socket", spec.runtime.serial_socket),
         ("VNC socket", spec.runtime.vnc_socket),
+        ("guest agent socket", spec.runtime.qga_socket),
     ):
         length = len(_check_path(what, sock).encode("utf-8"))
         if length > _MAX_UNIX_SOCKET_PATH:
@@ -499,6 +500,27 @@ def build_argv(spec: VmSpec, *, qemu_binary: str = "qemu-system-x86_64") -> list
     serial = quote_option_value(os.fspath(run.serial_socket))
     argv += ["-chardev", f"socket,id=serial0,path={serial},server=on,wait=off"]
     argv += ["-device", _json_arg({"driver": "isa-serial", "id": "serial0", "chardev": "serial0"})]
+
+    # Guest agent: a virtio-serial port that a qemu-guest-agent in the guest opens
+    # (QEMU reports it with VSERPORT_CHANGE); the controller sits at a slot no
+    # other device takes (pci.0 slot 0x1e on gen 1, pcie.0 slot 0x1e on gen 2).
+    qga = quote_option_value(os.fspath(run.qga_socket))
+    argv += ["-chardev", f"socket,id=qga0,path={qga},server=on,wait=off"]
+    vserial = {
+        "driver": "virtio-serial-pci",
+        "id": "vserial0",
+        "bus": "pci.0" if spec.generation == 1 else "pcie.0",
+        "addr": "0x1e",
+    }
+    argv += ["-device", _json_arg(vserial)]
+    port = {
+        "driver": "virtserialport",
+        "id": "qga0",
+        "chardev": "qga0",
+        "name": "org.qemu.guest_agent.0",
+        "bus": "vserial0.0",
+    }
+    argv += ["-device", _json_arg(port)]
 
     # Display: no local window; a video card and a VNC server on a unix socket. The key
     # "vnc=" is spelled out because an implied first value may not contain "=".

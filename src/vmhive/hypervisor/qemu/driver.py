@@ -25,6 +25,7 @@ from vmhive.hypervisor.base import (
     NotRunning,
     ObservedState,
 )
+from vmhive.hypervisor.qemu import qga
 from vmhive.hypervisor.qemu.argv import blockdev_nodes, build_argv
 from vmhive.hypervisor.qemu.process import (
     LaunchError,
@@ -104,6 +105,8 @@ class _Vm:
     qemu_jobs: dict[str, _QemuJob] = field(default_factory=dict)
     # Set while a snapshot pauses the guest, to measure the pause
     pause: _PauseWindow | None = None
+    # A guest agent holds the org.qemu.guest_agent.0 port open (VSERPORT_CHANGE).
+    agent_connected: bool = False
 
 
 class QemuDriver(Driver):
@@ -126,6 +129,7 @@ class QemuDriver(Driver):
             runtime.qmp_socket,
             runtime.serial_socket,
             runtime.vnc_socket,
+            runtime.qga_socket,
             runtime.pidfile,
         ):
             stale.unlink(missing_ok=True)
@@ -325,6 +329,8 @@ class QemuDriver(Driver):
                     qemu_job.status = str(event.data.get("status", ""))
                     if qemu_job.status == "concluded":
                         qemu_job.concluded.set()
+            elif event.name == "VSERPORT_CHANGE" and event.data.get("id") == "qga0":
+                vm.agent_connected = bool(event.data.get("open"))
             elif event.name == "DEVICE_DELETED":
                 device = str(event.data.get("device", ""))
                 vm.unplugged.setdefault(device, asyncio.Event()).set()
@@ -466,6 +472,30 @@ class QemuDriver(Driver):
             for node_name in reversed(added):
                 with contextlib.suppress(MonitorError):
                     await monitor.blockdev_del(node_name)
+
+    async def freeze_filesystems(self, vm_uuid: str) -> int | None:
+        """Ask the guest agent to freeze the guest's filesystems; how many it froze,
+        or None when no agent runs in the guest (the snapshot is then crash-consistent)."""
+        vm = self._get(vm_uuid)
+        if not vm.agent_connected:
+            return None
+        try:
+            return int(
+                await qga.call(vm.spec.runtime.qga_socket, "guest-fsfreeze-freeze", timeout=30)
+            )
+        except qga.GuestAgentError as exc:
+            with contextlib.suppress(qga.GuestAgentError):  # a partial freeze must not stay
+                await qga.call(vm.spec.runtime.qga_socket, "guest-fsfreeze-thaw", timeout=10)
+            raise DriverError(f"could not freeze the guest's filesystems: {exc}") from exc
+
+    async def thaw_filesystems(self, vm_uuid: str) -> int:
+        vm = self._get(vm_uuid)
+        try:
+            return int(
+                await qga.call(vm.spec.runtime.qga_socket, "guest-fsfreeze-thaw", timeout=30)
+            )
+        except qga.GuestAgentError as exc:
+            raise DriverError(f"could not thaw the guest's filesystems: {exc}") from exc
 
     async def hotplug_nic(self, vm_uuid: str, index: int, nic: NicSpec) -> None:
         """Add NIC `index` (a TAP opened by name) to a running generation 2 VM."""
