@@ -585,9 +585,18 @@ class _Qmp:
     """A minimal synchronous QMP client (enough for a smoke test)."""
 
     def __init__(self, path: Path, deadline: float) -> None:
-        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.sock.settimeout(max(0.1, deadline - time.monotonic()))
-        self.sock.connect(str(path))
+        # QEMU binds the socket a moment before it listens: retry a refused connect.
+        while True:
+            self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            self.sock.settimeout(max(0.1, deadline - time.monotonic()))
+            try:
+                self.sock.connect(str(path))
+                break
+            except ConnectionRefusedError:
+                self.sock.close()
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.02)
         self.file = self.sock.makefile("rwb")
         greeting = self._read()
         assert "QMP" in greeting, greeting

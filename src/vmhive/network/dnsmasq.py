@@ -37,6 +37,7 @@ from typing import Final
 from vmhive.network.dnsmasq_config import DnsmasqPaths, parse_leases
 from vmhive.network.errors import DnsmasqError
 from vmhive.network.model import Lease
+from vmhive.proc import read_cmdline
 
 DNSMASQ: Final = "/usr/sbin/dnsmasq"
 START_TIMEOUT: Final = 15.0
@@ -89,16 +90,6 @@ def check_readable_by(paths: DnsmasqPaths, user: str) -> None:
             )
 
 
-def _read_cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if not raw:
-        return None  # a zombie or a kernel thread
-    return [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]
-
-
 def _alive(pid: int) -> bool:
     """True while `pid` exists and is not a zombie (dnsmasq is reparented to init,
     which in a container may never reap it)."""
@@ -110,7 +101,7 @@ def _alive(pid: int) -> bool:
 
 
 def _is_instance(pid: int, argv: list[str]) -> bool:
-    return _read_cmdline(pid) == argv and _alive(pid)
+    return read_cmdline(pid) == argv and _alive(pid)
 
 
 def _read_pidfile(path: Path) -> int | None:
@@ -145,7 +136,7 @@ def scan_dnsmasq_processes(run_dir: Path, binary: str = DNSMASQ) -> dict[Path, i
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit():
             continue
-        argv = _read_cmdline(int(entry.name))
+        argv = read_cmdline(int(entry.name))
         if argv is None or len(argv) != 2 or argv[0] != binary:
             continue
         conf = Path(argv[1].removeprefix("--conf-file="))

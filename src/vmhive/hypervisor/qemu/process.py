@@ -23,6 +23,8 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from vmhive.proc import read_cmdline
+
 RUNTIME_RECORD = "runtime.json"
 
 
@@ -60,16 +62,6 @@ class RuntimeRecord:
             return cls(**data)
         except (OSError, ValueError, TypeError):
             return None
-
-
-def read_cmdline(pid: int) -> list[str] | None:
-    try:
-        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return None
-    if not raw:
-        return None  # a zombie or a kernel thread
-    return [part.decode(errors="replace") for part in raw.rstrip(b"\0").split(b"\0")]
 
 
 def is_our_process(record: RuntimeRecord) -> bool:
