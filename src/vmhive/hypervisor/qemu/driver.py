@@ -532,16 +532,8 @@ class QemuDriver(Driver):
         """Remove NIC `index` from a running VM once the guest has let go of it."""
         vm = self._get(vm_uuid)
         name = f"net{index}"
-        released = vm.unplugged.setdefault(name, asyncio.Event())
-        released.clear()
         try:
-            await vm.monitor.device_del(name)
-            try:
-                await asyncio.wait_for(released.wait(), timeout)
-            except TimeoutError:
-                raise DriverError(
-                    f"the guest did not release NIC {index} within {timeout:g} s"
-                ) from None
+            await self._release_device(vm, name, f"NIC {index}", timeout)
             await vm.monitor.netdev_del(name)
         except MonitorError as exc:
             raise DriverError(f"unplug of NIC {index} failed: {exc}") from exc
@@ -695,19 +687,22 @@ class QemuDriver(Driver):
                     return qdev_id
         raise DriverError("no free hot-plug slot left: stop the VM to add more disks")
 
+    @staticmethod
+    async def _release_device(vm: _Vm, device_id: str, what: str, timeout: float) -> None:
+        """`device_del`, then wait for DEVICE_DELETED: the guest has let go of it."""
+        released = vm.unplugged.setdefault(device_id, asyncio.Event())
+        released.clear()
+        await vm.monitor.device_del(device_id)
+        try:
+            await asyncio.wait_for(released.wait(), timeout)
+        except TimeoutError:
+            raise DriverError(f"the guest did not release {what} within {timeout:g} s") from None
+
     async def unplug_disk(self, vm_uuid: str, index: int, timeout: float = 30.0) -> None:
         vm = self._get(vm_uuid)
         name = f"disk{index}"
-        released = vm.unplugged.setdefault(name, asyncio.Event())
-        released.clear()
         try:
-            await vm.monitor.device_del(name)
-            try:
-                await asyncio.wait_for(released.wait(), timeout)
-            except TimeoutError:
-                raise DriverError(
-                    f"the guest did not release {name} within {timeout:.0f} s"
-                ) from None
+            await self._release_device(vm, name, name, timeout)
             await vm.monitor.blockdev_del(name)
             await vm.monitor.blockdev_del(f"{name}-file")
         except MonitorError as exc:
