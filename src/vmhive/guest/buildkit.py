@@ -9,8 +9,11 @@ devices (:func:`make_boot_disk`).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
 import fnmatch
 import gzip
+import json
 import logging
 import lzma
 import os
@@ -18,7 +21,7 @@ import shutil
 import stat
 import subprocess
 import sys
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -503,6 +506,29 @@ def _make_disk(raw: Path, boot_fs: Path, root_fs: Path) -> None:
         f.write(code)
     _copy_sparse(boot_fs, raw, BOOT_PART_START_SECTOR * SECTOR)
     _copy_sparse(root_fs, raw, root_start * SECTOR)
+
+
+# ------------------------------------------------------------- cache stamps
+
+
+@contextlib.contextmanager
+def locked(lock_file: Path) -> Iterator[None]:
+    """Hold an exclusive flock on `lock_file`: one builder at a time per destination."""
+    with lock_file.open("a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_stamp(stamp_file: Path) -> dict[str, object] | None:
+    """A build's stamp (JSON object); None when missing or unreadable."""
+    try:
+        data = json.loads(stamp_file.read_text())
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
 
 
 # -------------------------------------------------------------------------- CLI

@@ -43,7 +43,6 @@ bookworm, else :data:`DEFAULT_MIRROR`. It works in a temporary directory
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import fnmatch
 import hashlib
 import json
@@ -66,7 +65,9 @@ from vmhive.guest.buildkit import (
     GuestBuildError,
     boot_partition_files,
     builder_main,
+    locked,
     make_boot_disk,
+    read_stamp,
 )
 
 #: Debian packages the build needs on the host (besides Python).
@@ -559,31 +560,13 @@ def _inputs_digest() -> str:
     return h.hexdigest()
 
 
-def _read_stamp(dest: Path) -> dict[str, object] | None:
-    try:
-        data = json.loads((dest / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _is_fresh(dest: Path, build_id: str) -> bool:
-    stamp = _read_stamp(dest)
+    stamp = read_stamp(dest / STAMP_NAME)
     return (
         stamp is not None
         and stamp.get("build_id") == build_id
         and debian_image_path(dest).is_file()
     )
-
-
-@contextlib.contextmanager
-def _locked(dest: Path) -> Iterator[None]:
-    with (dest / LOCK_NAME).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def build_debian_image(dest: Path, work_dir: Path | None = None) -> Path:
@@ -603,7 +586,7 @@ def build_debian_image(dest: Path, work_dir: Path | None = None) -> Path:
         build_id = _inputs_digest()
         if _is_fresh(dest, build_id):
             return image
-        with _locked(dest):
+        with locked(dest / LOCK_NAME):
             if _is_fresh(dest, build_id):  # built meanwhile by another process
                 return image
             if os.geteuid() != 0:

@@ -35,8 +35,6 @@ cached by a stamp keyed on the tiny image's build id, this module, the
 from __future__ import annotations
 
 import argparse
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -48,7 +46,7 @@ import struct
 import sys
 import tempfile
 import zlib
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -59,7 +57,9 @@ from vmhive.guest.buildkit import (
     builder_main,
     first_existing,
     install_modules,
+    locked,
     module_list,
+    read_stamp,
     run_command,
 )
 from vmhive.guest.tiny import (
@@ -219,23 +219,8 @@ def _cache_key(tiny_build_id: str, binaries: dict[str, Path]) -> str:
 
 
 def _is_fresh(dest: Path, key: str) -> bool:
-    try:
-        stamp = json.loads((dest / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return False
-    return (
-        isinstance(stamp, dict) and stamp.get("key") == key and installer_iso_path(dest).is_file()
-    )
-
-
-@contextlib.contextmanager
-def _locked(dest: Path) -> Iterator[None]:
-    with (dest / LOCK_NAME).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
+    stamp = read_stamp(dest / STAMP_NAME)
+    return stamp is not None and stamp.get("key") == key and installer_iso_path(dest).is_file()
 
 
 # ------------------------------------------------------------------ disk image
@@ -504,7 +489,7 @@ def build_installer_iso(dest: Path, tiny_dir: Path, work_dir: Path | None = None
         iso = installer_iso_path(dest)
         if _is_fresh(dest, key):
             return iso
-        with _locked(dest):
+        with locked(dest / LOCK_NAME):
             if _is_fresh(dest, key):  # built meanwhile by another process
                 return iso
             if work_dir is not None:

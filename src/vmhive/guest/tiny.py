@@ -34,8 +34,6 @@ mounts or network other than the Debian archive.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import gzip
 import hashlib
 import json
@@ -44,7 +42,7 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -58,9 +56,11 @@ from vmhive.guest.buildkit import (
     boot_partition_files,
     builder_main,
     install_modules,
+    locked,
     make_boot_disk,
     module_list,
     prepare_kernel,
+    read_stamp,
     run_command,
 )
 from vmhive.guest.buildkit import (  # re-exported: the installer ISO builder uses it
@@ -451,30 +451,12 @@ def _build_id(inputs: str, packages: _Packages) -> str:
     return h.hexdigest()
 
 
-def _read_stamp(dest: Path) -> dict[str, object] | None:
-    try:
-        data = json.loads((dest / STAMP_NAME).read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
-
-
 def _outputs_present(dest: Path) -> bool:
     return all((dest / n).is_file() for n in (IMAGE_NAME, KERNEL_NAME, INITRD_NAME))
 
 
-@contextlib.contextmanager
-def _locked(dest: Path) -> Iterator[None]:
-    with (dest / LOCK_NAME).open("a") as lock:
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(lock, fcntl.LOCK_UN)
-
-
 def _is_fresh(dest: Path, build_id: str) -> bool:
-    stamp = _read_stamp(dest)
+    stamp = read_stamp(dest / STAMP_NAME)
     return stamp is not None and stamp.get("build_id") == build_id and _outputs_present(dest)
 
 
@@ -499,7 +481,7 @@ def build_tiny_image(dest: Path, work_dir: Path | None = None) -> Path:
     except GuestBuildError as exc:
         # No apt metadata (e.g. lists not fetched yet): an image built from the
         # same builder inputs is still usable; without one there is nothing to do.
-        stamp = _read_stamp(dest)
+        stamp = read_stamp(dest / STAMP_NAME)
         if stamp is not None and stamp.get("inputs") == inputs and _outputs_present(dest):
             log.warning("cannot check the package versions, reusing %s: %s", image, exc)
             return image
@@ -507,7 +489,7 @@ def build_tiny_image(dest: Path, work_dir: Path | None = None) -> Path:
     build_id = _build_id(inputs, packages)
     if _is_fresh(dest, build_id):
         return image
-    with _locked(dest):
+    with locked(dest / LOCK_NAME):
         if _is_fresh(dest, build_id):  # built meanwhile by another process
             return image
         if work_dir is not None:
