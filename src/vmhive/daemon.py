@@ -18,6 +18,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from vmhive.agent.reconciler import Agent
 from vmhive.api.app import create_app, wrap
+from vmhive.api.routes_uploads import sweep_uploads
 from vmhive.config import Settings
 from vmhive.guest import tiny
 from vmhive.hypervisor.base import Driver
@@ -35,6 +36,7 @@ from vmhive.services.networks import NetworkService
 from vmhive.services.snapshot_schedules import ScheduleService
 from vmhive.services.snapshots import SnapshotService
 from vmhive.services.templates import TemplateService
+from vmhive.services.users import UserService
 from vmhive.services.vms import CreateVmRequest, DiskRequest, VmService
 from vmhive.services.volumes import VolumeService
 from vmhive.store import db
@@ -73,6 +75,15 @@ class Daemon:
         self.engine = db.make_engine(settings.database_url)
         self.sessions = db.make_sessionmaker(self.engine)
         self.runner = JobRunner(self.sessions)
+        self.users = UserService(self.sessions)
+        password = await self.users.ensure_admin()
+        if password is not None:
+            print(
+                f"vmhive: web UI login: admin / {password} "
+                "(shown only now; change it with: vmhive user passwd admin)",
+                flush=True,
+            )
+        await asyncio.to_thread(sweep_uploads, settings.data_dir)
         # The probe boots the tiny image's kernel: from the image store, or on
         # the very first start from the prebuilt seed it will be copied from.
         tiny_dir = settings.images
@@ -224,7 +235,7 @@ async def serve(settings: Settings) -> None:
     await daemon.start()
     host, port = settings.listen_host_port()
     sockets = [_tcp_listener(host, port), _unix_listener(settings.api_socket)]
-    app = wrap(create_app(daemon), daemon.token)
+    app = wrap(create_app(daemon), daemon)
     config = uvicorn.Config(app, log_level="warning", lifespan="off", ws="websockets-sansio")
     server = _Server(config)
     print(f"vmhive: serving on http://{host}:{port} and {settings.api_socket}", flush=True)

@@ -6,53 +6,16 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from vmhive.api.app import create_app, wrap
-from vmhive.config import Settings
-from vmhive.daemon import Daemon
+from tests.unit.fakehive import Client, fake_hive
 from vmhive.hypervisor.base import ObservedState
-from vmhive.hypervisor.fake import FakeDriver
-
-
-class Client:
-    def __init__(self, http: httpx.AsyncClient, daemon: Daemon, driver: FakeDriver) -> None:
-        self.http = http
-        self.daemon = daemon
-        self.driver = driver
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.request(method, path, **kwargs)
-
-    async def job(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        params = {**kwargs.pop("params", {}), "wait": "true"}
-        response = await self.call(method, path, params=params, **kwargs)
-        assert response.status_code == 200, response.text
-        data: dict[str, Any] = response.json()
-        return data
-
-    async def vm(self, name: str) -> dict[str, Any]:
-        data: dict[str, Any] = (await self.call("GET", f"/api/vms/{name}")).json()
-        return data
 
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    data = Path("/tmp") / f"vhu-{tmp_path.name[-20:]}"
-    settings = Settings(data_dir=data, accel="tcg", create_demo=False, stop_timeout=0.5)
-    driver = FakeDriver()
-    daemon = Daemon(settings, driver)
-    await daemon.start()
-    app = wrap(create_app(daemon), daemon.token)
-    transport = httpx.ASGITransport(app=app)
-    headers = {"Authorization": f"Bearer {daemon.token}"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as http:
-        yield Client(http, daemon, driver)
-    await daemon.stop()
-    import shutil
-
-    shutil.rmtree(data, ignore_errors=True)
+    async with fake_hive(tmp_path, "vhu") as hive:
+        yield hive
 
 
 BLANK = {"name": "web", "generation": 1, "memory_mib": 64, "disks": [{"size": "16M"}]}

@@ -8,47 +8,23 @@ from __future__ import annotations
 
 import doctest
 import json
-import shutil
 import subprocess
 from collections.abc import AsyncIterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-import httpx
 import pytest
 
-from vmhive.api.app import create_app, wrap
+from tests.unit.fakehive import Client as BaseClient
+from tests.unit.fakehive import fake_hive
 from vmhive.cli import snapshots as cli_snapshots
-from vmhive.config import Settings
-from vmhive.daemon import Daemon
-from vmhive.hypervisor.fake import FakeDriver
 from vmhive.services import snapshot_policy
 from vmhive.services.errors import InvalidRequest
 from vmhive.store.models import Snapshot
 
 
-class Client:
-    def __init__(self, http: httpx.AsyncClient, daemon: Daemon, driver: FakeDriver) -> None:
-        self.http = http
-        self.daemon = daemon
-        self.driver = driver
-
-    async def call(self, method: str, path: str, **kwargs: Any) -> httpx.Response:
-        return await self.http.request(method, path, **kwargs)
-
-    async def job(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        params = {**kwargs.pop("params", {}), "wait": "true"}
-        response = await self.call(method, path, params=params, **kwargs)
-        assert response.status_code == 200, response.text
-        data: dict[str, Any] = response.json()
-        return data
-
-    async def ok(self, method: str, path: str, **kwargs: Any) -> dict[str, Any]:
-        job = await self.job(method, path, **kwargs)
-        assert job["state"] == "succeeded", job
-        return job
-
+class Client(BaseClient):
     async def snapshots(self, vm: str = "web") -> dict[str, dict[str, Any]]:
         rows = (await self.call("GET", f"/api/vms/{vm}/snapshots")).json()
         return {row["name"]: row for row in rows}
@@ -56,19 +32,8 @@ class Client:
 
 @pytest.fixture
 async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    data = Path("/tmp") / f"vhs-{tmp_path.name[-20:]}"
-    settings = Settings(data_dir=data, accel="tcg", create_demo=False, stop_timeout=0.5)
-    driver = FakeDriver()
-    daemon = Daemon(settings, driver)
-    await daemon.start()
-    await daemon.schedules.stop()  # the tests run the schedules' passes themselves
-    app = wrap(create_app(daemon), daemon.token)
-    transport = httpx.ASGITransport(app=app)
-    headers = {"Authorization": f"Bearer {daemon.token}"}
-    async with httpx.AsyncClient(transport=transport, base_url="http://t", headers=headers) as http:
-        yield Client(http, daemon, driver)
-    await daemon.stop()
-    shutil.rmtree(data, ignore_errors=True)
+    async with fake_hive(tmp_path, "vhs", schedules=False) as hive:
+        yield Client(hive.http, hive.daemon, hive.driver)
 
 
 BLANK = {"name": "web", "generation": 1, "memory_mib": 64, "disks": [{"size": "16M"}]}

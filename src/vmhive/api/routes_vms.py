@@ -1,18 +1,15 @@
-"""VMs: create, list, show, edit, delete, power actions, serial console."""
+"""VMs: create, list, show, edit, delete, power actions (consoles: routes_consoles.py)."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 from typing import Any
 
-from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
-from fastapi.responses import JSONResponse, Response
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from vmhive.api.deps import daemon_of, job_response
 from vmhive.api.schemas import CloudInitIn, VmClone, VmCreate, VmEdit, VmOut
-from vmhive.services import specs
 from vmhive.services.errors import InvalidRequest
 from vmhive.services.vms import CreateVmRequest, DiskRequest, EditVmRequest
 from vmhive.storage.qemu_img import parse_size
@@ -140,50 +137,3 @@ async def power_action(
         "resume": lambda: life.resume(name),
     }
     return await job_response(daemon, await calls[action](), wait)
-
-
-@router.get("/vms/{name}/console/log")
-async def console_log(request: Request, name: str) -> Response:
-    daemon = daemon_of(request)
-    vm = await daemon.ctx.load_vm(name)
-    data = daemon.driver.console_log(specs.runtime_paths(daemon.settings, vm.uuid))
-    return Response(data, media_type="application/octet-stream")
-
-
-@router.websocket("/vms/{name}/console")
-async def console(websocket: WebSocket, name: str) -> None:
-    """The live serial console: guest output as binary frames, input the same way."""
-    daemon = websocket.app.state.daemon
-    try:
-        vm = await daemon.ctx.load_vm(name)
-    except Exception as exc:
-        await websocket.close(code=4404, reason=str(exc)[:120])
-        return
-    terminal = daemon.driver.console(vm.uuid)
-    if terminal is None:
-        await websocket.close(code=4409, reason=f"VM {name} is not running")
-        return
-    await websocket.accept()
-    queue = terminal.subscribe()
-
-    async def to_client() -> None:
-        while (chunk := await queue.get()) is not None:
-            await websocket.send_bytes(chunk)
-        await websocket.close(code=1000, reason="the VM stopped")
-
-    sender = asyncio.create_task(to_client())
-    try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("bytes") or (message.get("text") or "").encode()
-            if data:
-                await terminal.write(data)
-    except (WebSocketDisconnect, ConnectionError, RuntimeError):
-        pass
-    finally:
-        terminal.unsubscribe(queue)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender

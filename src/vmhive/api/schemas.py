@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 from datetime import datetime
 from typing import Any
 
@@ -12,6 +13,8 @@ from vmhive.services.errors import InvalidRequest
 from vmhive.storage.cloudinit import CloudInitConfig, CloudInitError, CloudUser, parse_ipconfig
 from vmhive.storage.images import Image
 from vmhive.store.models import Job, JobLog, Nic, Vm
+
+NODE_NAME = socket.gethostname()
 
 
 class DiskIn(BaseModel):
@@ -173,6 +176,7 @@ class VmOut(BaseModel):
     nics: list[NicOut]
     created_at: datetime
     updated_at: datetime
+    node: str = Field("", description="the host it is on (one host until clusters land)")
 
     @classmethod
     def of(cls, vm: Vm, addresses: dict[int, str | None] | None = None) -> VmOut:
@@ -202,6 +206,7 @@ class VmOut(BaseModel):
             nics=[NicOut.of(n, (addresses or {}).get(n.index)) for n in vm.nics],
             created_at=vm.created_at,
             updated_at=vm.updated_at,
+            node=NODE_NAME,
         )
 
 

@@ -37,6 +37,7 @@ from vmhive.cli.common import (
 from vmhive.cli.network import host_cleanup, network_app, nic_app
 from vmhive.cli.snapshots import snapshot_app
 from vmhive.cli.storage import cdrom_app, disk_app, iso_app, pool_app, volume_app
+from vmhive.cli.users import user_app
 from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
 
 app = typer.Typer(help="vmhive: manage QEMU/KVM virtual machines.", no_args_is_help=True)
@@ -52,6 +53,7 @@ app.add_typer(pool_app, name="pool")
 app.add_typer(volume_app, name="volume")
 app.add_typer(iso_app, name="iso")
 app.add_typer(snapshot_app, name="snapshot")
+app.add_typer(user_app, name="user")
 vm_app.add_typer(disk_app, name="disk")
 vm_app.add_typer(cdrom_app, name="cdrom")
 vm_app.add_typer(cloudinit_app, name="cloud-init")

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from sqlalchemy import ColumnElement, select, update
@@ -12,6 +12,7 @@ from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload
 
 from vmhive.config import Settings
+from vmhive.events import EventBus
 from vmhive.hypervisor.base import Driver
 from vmhive.jobs.runner import JobRunner
 from vmhive.services.errors import NotFound
@@ -26,6 +27,7 @@ class ServiceContext:
     driver: Driver
     runner: JobRunner
     host: HostInfo
+    events: EventBus = field(default_factory=EventBus)
 
     async def find_vm(self, session: AsyncSession, name: str) -> Vm:
         vm = await _one_vm(session, Vm.name == name)
@@ -56,6 +58,8 @@ class ServiceContext:
                     session.add(Event(vm_uuid=vm_uuid, kind="delete", message=message))
                 await session.delete(vm)
             await session.commit()
+        if vm is not None:
+            self.events.publish("vm", {"name": vm.name, "uuid": vm_uuid, "deleted": True})
 
     async def record_state(
         self,
@@ -95,6 +99,10 @@ class ServiceContext:
                 message = f"{changed.name}: {state}" + (f" ({reason})" if reason else "")
                 session.add(Event(vm_uuid=vm_uuid, kind="state", message=message))
             await session.commit()
+        if changed is not None:
+            self.events.publish(
+                "vm", {"name": changed.name, "uuid": vm_uuid, "state": state, "reason": reason}
+            )
 
 
 async def _one_vm(session: AsyncSession, where: ColumnElement[bool]) -> Vm | None:

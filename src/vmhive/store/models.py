@@ -302,3 +302,30 @@ class Snapshot(Base):
     is_current: Mapped[bool] = mapped_column(Boolean, default=False)
     # What a revert restores besides the disks: {"vcpus", "memory_mib", "disks": [paths]}
     hardware: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
+
+
+class User(Base):
+    """A web UI login. `password_hash` is `scrypt$N$r$p$salt$hash` (hashlib.scrypt)."""
+
+    __tablename__ = "users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(
+        DateTime(timezone=True), default=utcnow
+    )
+
+
+class LoginSession(Base):
+    """A browser's login. The cookie holds a secret; only its SHA-256 is stored, so a
+    copy of the database cannot be replayed as a cookie."""
+
+    __tablename__ = "login_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(cookie) hex
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
