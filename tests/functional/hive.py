@@ -141,11 +141,13 @@ class Hive:
         with httpx.Client(transport=transport, base_url="http://vmhive", timeout=60) as client:
             return client.request(method, path, **kwargs)
 
-    def cli(self, *args: str, check: bool = True, timeout: float = 300) -> CliResult:
+    def cli(
+        self, *args: str, check: bool = True, timeout: float = 300, input: str | None = None
+    ) -> CliResult:
         env = {**os.environ, "VMHIVE_DATA_DIR": str(self.data_dir)}
         env.pop("VMHIVE_API", None)
         proc = subprocess.run(
-            [VMHIVE, *args], capture_output=True, text=True, env=env, timeout=timeout
+            [VMHIVE, *args], capture_output=True, text=True, env=env, timeout=timeout, input=input
         )
         result = CliResult(proc)
         if check and result.rc != 0:

@@ -165,3 +165,21 @@ def test_events_stream_vm_states_and_jobs(web: tuple[Hive, httpx.Client, str]) -
                     break
     kinds = {k for k, _ in seen}
     assert {"vm", "job"} <= kinds
+
+
+def test_user_cli_adds_logins_and_passwd_ends_sessions(
+    web: tuple[Hive, httpx.Client, str],
+) -> None:
+    hive, _, _ = web
+    hive.cli("user", "add", "carol", "--password-stdin", input="carol-password-1\n")
+    assert "carol" in hive.cli("user", "list").out
+    short = hive.cli("user", "add", "dave", "--password-stdin", input="short\n", check=False)
+    assert short.rc != 0 and "8 to 1024" in short.err and len(short.err.strip().splitlines()) == 1
+    with httpx.Client(base_url=f"http://127.0.0.1:{hive.port}", timeout=30) as carol:
+        body = {"username": "carol", "password": "carol-password-1"}
+        assert carol.post("/api/auth/login", json=body).status_code == 200
+        assert carol.get("/api/vms").status_code == 200
+        hive.cli("user", "passwd", "carol", "--password-stdin", input="carol-password-2\n")
+        assert carol.get("/api/vms").status_code == 401
+    hive.cli("user", "delete", "carol")
+    assert "carol" not in hive.cli("user", "list").out
