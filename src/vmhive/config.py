@@ -30,6 +30,8 @@ class Settings:
     stop_timeout: float = 60.0  # graceful ACPI power-off before forcing
     reconcile_interval: float = 5.0
     serial_log_max_bytes: int = 1024 * 1024
+    node_name: str | None = None  # None: the host name
+    node_address: str | None = None  # host:port other nodes reach this API at; None: listen
 
     @property
     def db_path(self) -> Path:

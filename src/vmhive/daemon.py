@@ -33,6 +33,7 @@ from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
 from vmhive.services.networks import NetworkService
+from vmhive.services.nodes import NodeService
 from vmhive.services.snapshot_schedules import ScheduleService
 from vmhive.services.snapshots import SnapshotService
 from vmhive.services.templates import TemplateService
@@ -103,9 +104,14 @@ class Daemon:
             accel=verdict,
         )
         self.ctx = ServiceContext(settings, self.sessions, self.driver, self.runner, self.host)
+        self.nodes = NodeService(self.ctx)
+        try:
+            await self.nodes.register()
+        except Conflict as exc:
+            raise SystemExit(f"vmhive: {exc}") from None
         self.networks = NetworkService(self.ctx)
         self.lifecycle = Lifecycle(self.ctx, self.networks)
-        self.vms = VmService(self.ctx, self.lifecycle, self.networks)
+        self.vms = VmService(self.ctx, self.lifecycle, self.networks, self.nodes)
         self.volumes = VolumeService(self.ctx)
         self.media = MediaService(self.ctx)
         self.images = ImageService(self.ctx)
@@ -126,15 +132,28 @@ class Daemon:
         await self.agent.autostart()
         self.agent.start_loop()
         self.schedules.start()
+        self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
         log.info("accelerator: %s (%s)", verdict.accel, verdict.reason)
 
     async def stop(self) -> None:
         """Let go of everything; running guests are not touched."""
+        self._heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._heartbeat
         await self.agent.stop_loop()
         await self.schedules.stop()
         await self.runner.shutdown()
         await self.driver.detach_all()
         await self.engine.dispose()
+
+    async def _beat(self) -> None:
+        """This node is alive: its heartbeat, every reconcile interval."""
+        while True:
+            await asyncio.sleep(self.settings.reconcile_interval)
+            try:
+                await self.nodes.heartbeat()
+            except Exception:
+                log.exception("heartbeat failed")
 
     async def vm_counts(self, session: AsyncSession) -> dict[str, int]:
         rows = await session.execute(select(Vm.state, func.count()).group_by(Vm.state))

@@ -70,7 +70,7 @@ class Agent:
             await self._undo_interrupted(job.kind, job.target or "")
         await asyncio.to_thread(self._sweep_partial_files)
         async with self.ctx.sessions() as session:
-            vms = list(await session.scalars(select(Vm)))
+            vms = list(await session.scalars(select(Vm).where(self.ctx.here())))
         for vm in vms:
             if vm.state == "creating":
                 log.warning("removing VM %s: its creation was interrupted", vm.name)
@@ -153,7 +153,9 @@ class Agent:
             names = list(
                 await session.scalars(
                     select(Vm.name).where(
-                        Vm.autostart.is_(True), Vm.state.in_(("stopped", "crashed"))
+                        Vm.autostart.is_(True),
+                        Vm.state.in_(("stopped", "crashed")),
+                        self.ctx.here(),
                     )
                 )
             )
@@ -183,7 +185,11 @@ class Agent:
         the firewall follows the addresses DHCP handed out."""
         await self.networks.refresh()
         async with self.ctx.sessions() as session:
-            vms = list(await session.scalars(select(Vm).where(Vm.state.in_(ACTIVE_STATES))))
+            vms = list(
+                await session.scalars(
+                    select(Vm).where(Vm.state.in_(ACTIVE_STATES), self.ctx.here())
+                )
+            )
         for vm in vms:
             if vm.state == "starting" or self.ctx.driver.is_running(vm.uuid):
                 continue

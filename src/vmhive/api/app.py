@@ -24,6 +24,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         routes_images,
         routes_jobs,
         routes_networks,
+        routes_nodes,
         routes_snapshots,
         routes_storage,
         routes_uploads,
@@ -51,6 +52,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(routes_auth.router, prefix="/api")
     app.include_router(routes_events.router, prefix="/api")
     app.include_router(routes_host.router, prefix="/api")
+    app.include_router(routes_nodes.router, prefix="/api")
     app.include_router(routes_images.router, prefix="/api")
     app.include_router(routes_networks.router, prefix="/api")
     # Before the VMs' router: /vms/{vm}/disks must win over /vms/{name}/{action}.

@@ -36,7 +36,10 @@ async def list_vms(request: Request) -> list[VmOut]:
     async with daemon.sessions() as session:
         rows = await session.scalars(select(Vm).where(Vm.state != "deleting").order_by(Vm.name))
         networks = daemon.networks
-        return [VmOut.of(vm, {n.index: networks.cached_lease(n) for n in vm.nics}) for vm in rows]
+        nodes = await daemon.nodes.names_by_id()
+        return [
+            VmOut.of(vm, {n.index: networks.cached_lease(n) for n in vm.nics}, nodes) for vm in rows
+        ]
 
 
 @router.post("/vms", status_code=202)
@@ -62,14 +65,14 @@ async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSO
 async def show_vm(request: Request, name: str) -> VmOut:
     daemon = daemon_of(request)
     vm = await daemon.ctx.load_vm(name)
-    return VmOut.of(vm, await daemon.networks.addresses(vm))
+    return VmOut.of(vm, await daemon.networks.addresses(vm), await daemon.nodes.names_by_id())
 
 
 @router.patch("/vms/{name}", response_model=VmOut)
 async def edit_vm(request: Request, name: str, body: VmEdit) -> VmOut:
     daemon = daemon_of(request)
     await daemon.vms.edit(name, EditVmRequest(**body.model_dump()))
-    return VmOut.of(await daemon.ctx.load_vm(name))
+    return VmOut.of(await daemon.ctx.load_vm(name), None, await daemon.nodes.names_by_id())
 
 
 @router.delete("/vms/{name}", status_code=202)

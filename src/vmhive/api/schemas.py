@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import socket
 from datetime import datetime
 from typing import Any
 
@@ -13,8 +12,6 @@ from vmhive.services.errors import InvalidRequest
 from vmhive.storage.cloudinit import CloudInitConfig, CloudInitError, CloudUser, parse_ipconfig
 from vmhive.storage.images import Image
 from vmhive.store.models import Job, JobLog, Nic, Vm
-
-NODE_NAME = socket.gethostname()
 
 
 class DiskIn(BaseModel):
@@ -91,6 +88,11 @@ class VmCreate(BaseModel):
     cloud_init: bool = Field(False, description="attach a NoCloud seed (hostname = VM name)")
     user_data: str | None = Field(None, description="cloud-init user-data (implies cloud_init)")
     cloud_init_settings: CloudInitIn | None = Field(None, description="implies cloud_init")
+    node: str | None = Field(None, description="the node to create it on (default: placement)")
+    affinity_group: str | None = Field(
+        None, description="anti-affinity: VMs of one group are placed on different nodes"
+    )
+    placement: str = Field("spread", description="spread (default) or pack")
 
 
 class VmClone(BaseModel):
@@ -176,10 +178,15 @@ class VmOut(BaseModel):
     nics: list[NicOut]
     created_at: datetime
     updated_at: datetime
-    node: str = Field("", description="the host it is on (one host until clusters land)")
+    node: str = Field("", description="the node that owns it")
 
     @classmethod
-    def of(cls, vm: Vm, addresses: dict[int, str | None] | None = None) -> VmOut:
+    def of(
+        cls,
+        vm: Vm,
+        addresses: dict[int, str | None] | None = None,
+        nodes: dict[int, str] | None = None,
+    ) -> VmOut:
         return cls(
             name=vm.name,
             uuid=vm.uuid,
@@ -206,7 +213,7 @@ class VmOut(BaseModel):
             nics=[NicOut.of(n, (addresses or {}).get(n.index)) for n in vm.nics],
             created_at=vm.created_at,
             updated_at=vm.updated_at,
-            node=NODE_NAME,
+            node=(nodes or {}).get(vm.node_id or 0, ""),
         )
 
 

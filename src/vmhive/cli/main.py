@@ -35,10 +35,12 @@ from vmhive.cli.common import (
     state,
 )
 from vmhive.cli.network import host_cleanup, network_app, nic_app
+from vmhive.cli.nodes import node_app, print_placement
 from vmhive.cli.snapshots import snapshot_app
 from vmhive.cli.storage import cdrom_app, disk_app, iso_app, pool_app, volume_app
 from vmhive.cli.users import user_app
 from vmhive.config import DEFAULT_LISTEN, Settings, default_data_dir
+from vmhive.storage.qemu_img import parse_size
 
 app = typer.Typer(help="vmhive: manage QEMU/KVM virtual machines.", no_args_is_help=True)
 vm_app = typer.Typer(help="Virtual machines.", no_args_is_help=True)
@@ -54,6 +56,7 @@ app.add_typer(volume_app, name="volume")
 app.add_typer(iso_app, name="iso")
 app.add_typer(snapshot_app, name="snapshot")
 app.add_typer(user_app, name="user")
+app.add_typer(node_app, name="node")
 vm_app.add_typer(disk_app, name="disk")
 vm_app.add_typer(cdrom_app, name="cdrom")
 vm_app.add_typer(cloudinit_app, name="cloud-init")
@@ -79,6 +82,13 @@ def main_options(
 # -- serve, token, host -------------------------------------------------------------
 
 
+def size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+
+
 @app.command()
 def serve(
     data_dir: Annotated[
@@ -99,6 +109,13 @@ def serve(
     stop_timeout: Annotated[
         float, typer.Option(help="seconds of ACPI grace before a stop forces off")
     ] = 60.0,
+    node_name: Annotated[
+        str | None, typer.Option(help="this node's name in a cluster (default: the host name)")
+    ] = None,
+    node_address: Annotated[
+        str | None,
+        typer.Option(help="HOST:PORT where other nodes reach this API (default: --listen)"),
+    ] = None,
 ) -> None:
     """Run the daemon in the foreground: API, agent and job runner."""
     import asyncio
@@ -119,6 +136,8 @@ def serve(
         create_demo=demo,
         default_network=default_network,
         stop_timeout=stop_timeout,
+        node_name=node_name,
+        node_address=node_address,
     )
     try:
         settings.check()
@@ -226,10 +245,31 @@ def vm_create(
     autostart: Annotated[bool, typer.Option(help="start when the daemon starts")] = False,
     description: Annotated[str, typer.Option(help="free text")] = "",
     start: Annotated[bool, typer.Option(help="start it once created")] = False,
+    node: Annotated[
+        str | None, typer.Option(help="the node to create it on (default: placement)")
+    ] = None,
+    group: Annotated[
+        str | None, typer.Option(help="anti-affinity group: its VMs go to different nodes")
+    ] = None,
+    placement: Annotated[str, typer.Option(help="spread or pack")] = "spread",
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="explain where it would go; create nothing")
+    ] = False,
     wait: WaitOpt = True,
     output: OutputOpt = Output.table,
 ) -> None:
     """Create a VM. Any cloud-init flag attaches a NoCloud seed."""
+    if dry_run:
+        demand = {
+            "vcpus": vcpus,
+            "memory_mib": memory,
+            "storage_bytes": size_arg(disk_size) if disk_size else 0,
+            "affinity_group": group,
+            "networks": [network] if network else [],
+            "strategy": placement,
+        }
+        print_placement(api().post("/placement", json=demand), output)
+        return
     cloud_settings = apply_flags(
         {},
         hostname=hostname,
@@ -270,6 +310,9 @@ def vm_create(
         "autostart": autostart,
         "description": description,
         "start": start,
+        "node": node,
+        "affinity_group": group,
+        "placement": placement,
     }
     client = api()
     run_job(client, client.post("/vms", json=body), output, wait)

@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, update
+from sqlalchemy import ColumnElement, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload
 
@@ -28,6 +28,11 @@ class ServiceContext:
     runner: JobRunner
     host: HostInfo
     events: EventBus = field(default_factory=EventBus)
+    node_id: int | None = None  # this daemon's row in `nodes`, once registered
+
+    def here(self) -> ColumnElement[bool]:
+        """Filter for the VMs this node owns: the only ones it may run or watch."""
+        return Vm.node_id == self.node_id if self.node_id is not None else true()
 
     async def find_vm(self, session: AsyncSession, name: str) -> Vm:
         vm = await _one_vm(session, Vm.name == name)

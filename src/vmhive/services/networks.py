@@ -337,7 +337,11 @@ class NetworkService:
     async def sync_ports(self) -> None:
         """After the agent adopted VMs: TAPs of running VMs exist, others are gone."""
         async with self.ctx.sessions() as session:
-            vms = list(await session.scalars(select(Vm).where(Vm.nics.any(Nic.backend == "tap"))))
+            vms = list(
+                await session.scalars(
+                    select(Vm).where(Vm.nics.any(Nic.backend == "tap"), self.ctx.here())
+                )
+            )
         for vm in vms:
             if self.ctx.driver.is_running(vm.uuid):
                 await self._ensure_taps(vm)

@@ -119,6 +119,7 @@ class TemplateService:
                 cloudinit=src.cloudinit,
                 cloudinit_instance_id=str(uuidlib.uuid4()),
                 cloudinit_config=src.cloudinit_config,
+                node_id=self.ctx.node_id,
             )
             for cd in src.cdroms:
                 vm.cdroms.append(Cdrom(index=cd.index, iso=cd.iso))

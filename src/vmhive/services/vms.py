@@ -17,10 +17,12 @@ from sqlalchemy.exc import IntegrityError
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
-from vmhive.services.errors import Conflict, InvalidRequest
+from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.services.host import OVMF_VARS
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.networks import DEFAULT_NETWORK, NetworkService, check_model
+from vmhive.services.nodes import NodeService
+from vmhive.services.placement import Demand
 from vmhive.storage import qemu_img
 from vmhive.storage.cloudinit import CloudInitConfig
 from vmhive.storage.images import ImageStore
@@ -65,6 +67,9 @@ class CreateVmRequest:
     cloud_init: bool = False
     user_data: str | None = None
     cloud_init_settings: CloudInitConfig | None = None
+    node: str | None = None  # None: placement chooses
+    affinity_group: str | None = None  # VMs of a group go to different nodes
+    placement: str = "spread"  # spread | pack
 
     @property
     def cloud_init_config(self) -> CloudInitConfig | None:
@@ -90,16 +95,56 @@ class EditVmRequest:
 
 
 class VmService:
-    def __init__(self, ctx: ServiceContext, lifecycle: Lifecycle, networks: NetworkService) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        lifecycle: Lifecycle,
+        networks: NetworkService,
+        nodes: NodeService | None = None,
+    ) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
         self.networks = networks
+        self.nodes = nodes
         self.images = ImageStore(ctx.settings.images)
 
     def allowed_roots(self) -> list[Path]:
         return [self.ctx.settings.images, self.ctx.settings.data_dir / "iso"]
 
     # -- create ---------------------------------------------------------------
+
+    async def _choose_node(self, req: CreateVmRequest) -> int | None:
+        """This node, if placement (or --node) picks it; a VM is created where it runs.
+
+        On a single node there is nothing to choose: the VM goes there, as before
+        nodes existed (no capacity check for a VM that is only created).
+        """
+        if self.nodes is None:
+            return self.ctx.node_id
+        views = await self.nodes.list()
+        if req.node is not None:
+            if req.node not in {v.name for v in views}:
+                raise NotFound(f"no node named {req.node!r}")
+            target = req.node
+        elif len(views) <= 1:
+            return self.ctx.node_id
+        else:
+            demand = Demand(
+                vcpus=req.vcpus,
+                memory_mib=req.memory_mib,
+                storage_bytes=sum(d.size or 0 for d in req.disks),
+                affinity_group=req.affinity_group,
+            )
+            verdict = await self.nodes.place(demand, req.placement)
+            if verdict.node is None:
+                raise Conflict(verdict.explain())
+            target = verdict.node
+        if target != self.nodes.name:
+            raise Conflict(
+                f"placement chose node {target}, but this daemon ({self.nodes.name}) cannot "
+                "create VMs on other nodes yet: send the request to that node's API"
+            )
+        return self.ctx.node_id
 
     async def create(self, req: CreateVmRequest) -> str:
         """Validate, reserve the name, and submit the job that builds the VM."""
@@ -125,6 +170,9 @@ class VmService:
             raise InvalidRequest("a kernel command line needs a kernel")
         sources = [await self._check_disk(d) for d in req.disks]
         mac = specs.check_mac(req.mac) if req.mac else None
+        if req.affinity_group is not None:
+            specs.check_name(req.affinity_group)
+        node_id = await self._choose_node(req)
 
         nic_model = check_model(req.nic_model)
         vm_uuid = str(uuidlib.uuid4())
@@ -161,6 +209,8 @@ class VmService:
                 cloudinit=cloud_config is not None,
                 cloudinit_instance_id=str(uuidlib.uuid4()),
                 cloudinit_config=cloud_config.to_json() if cloud_config else None,
+                node_id=node_id,
+                affinity_group=req.affinity_group,
             )
             if iso or req.cdrom:
                 vm.cdroms.append(Cdrom(index=0, iso=iso))

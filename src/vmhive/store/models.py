@@ -64,6 +64,11 @@ class Vm(Base):
     state_reason: Mapped[str] = mapped_column(Text, default="")
     pid: Mapped[int | None] = mapped_column(Integer, nullable=True)
     accel: Mapped[str | None] = mapped_column(String(8), nullable=True)
+    # The node that owns the VM: the only one that may run it (nodes.id; no
+    # foreign key, so adding it needed no table rebuild on SQLite).
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
+    # VMs of the same anti-affinity group are placed on different nodes.
+    affinity_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(
         DateTime(timezone=True), default=utcnow, onupdate=utcnow
@@ -313,9 +318,7 @@ class User(Base):
     name: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    password_changed_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow
-    )
+    password_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
 class LoginSession(Base):
@@ -329,3 +332,28 @@ class LoginSession(Base):
     csrf_token: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
     expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+
+
+class Node(Base):
+    """A host of the cluster (one row on a single host): where it is reached,
+    what it has, and when it last said it was alive.
+
+    `incarnation` grows at every start of its daemon, so a node that comes back
+    after being declared dead is told apart from the one that went away.
+    """
+
+    __tablename__ = "nodes"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(63), unique=True)
+    address: Mapped[str] = mapped_column(String(255))  # host:port of its API, for other nodes
+    cpus: Mapped[int] = mapped_column(Integer)
+    memory_mib: Mapped[int] = mapped_column(Integer)
+    storage_bytes: Mapped[int] = mapped_column(BigInteger)
+    storage_free_bytes: Mapped[int] = mapped_column(BigInteger)
+    qemu_version: Mapped[str] = mapped_column(String(32), default="")
+    accel: Mapped[str] = mapped_column(String(8), default="")
+    drained: Mapped[bool] = mapped_column(Boolean, default=False)
+    incarnation: Mapped[int] = mapped_column(Integer, default=1)
+    joined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)

@@ -1,0 +1,233 @@
+"""The nodes of a cluster: registration, heartbeat, drain, removal, placement.
+
+Every daemon is a node. At start it registers itself in the `nodes` table (by
+name; a new incarnation each start) and adopts the VMs that have no node yet
+(those of a single host from before nodes existed). Its agent loop refreshes
+the heartbeat and free storage; a node whose heartbeat is older than
+NODE_TIMEOUT shows as offline and is never chosen for new VMs. On SQLite there
+is exactly one node; on PostgreSQL every daemon of the cluster sees them all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import shutil
+import socket
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+from sqlalchemy import func, select, update
+
+from vmhive.services.context import ServiceContext
+from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.services.host import _mem_total_mib
+from vmhive.services.placement import Candidate, Demand, Verdict, place
+from vmhive.store.models import Node, Vm, utcnow
+
+NODE_TIMEOUT = timedelta(seconds=30)
+# VMs that hold their memory and vCPUs on a node: running, or meant to run.
+HOLDING = ("starting", "running", "paused", "stopping")
+
+
+def _aware(at: datetime) -> datetime:
+    return at if at.tzinfo is not None else at.replace(tzinfo=utcnow().tzinfo)
+
+
+@dataclass(frozen=True)
+class NodeView:
+    name: str
+    address: str
+    online: bool
+    drained: bool
+    cpus: int
+    memory_mib: int
+    storage_bytes: int
+    storage_free_bytes: int
+    qemu_version: str
+    accel: str
+    incarnation: int
+    heartbeat_at: datetime
+    joined_at: datetime
+    vms: int
+    running: int
+    vcpus_used: int
+    memory_used_mib: int
+    groups: frozenset[str]
+
+    def as_dict(self) -> dict[str, Any]:
+        data = {k: v for k, v in self.__dict__.items() if k != "groups"}
+        data["heartbeat_at"] = self.heartbeat_at.isoformat()
+        data["joined_at"] = self.joined_at.isoformat()
+        data["status"] = "online" if self.online else "offline"
+        return data
+
+    def candidate(self) -> Candidate:
+        return Candidate(
+            name=self.name,
+            online=self.online,
+            drained=self.drained,
+            cpus=self.cpus,
+            memory_mib=self.memory_mib,
+            storage_free_bytes=self.storage_free_bytes,
+            vcpus_used=self.vcpus_used,
+            memory_used_mib=self.memory_used_mib,
+            vms=self.vms,
+            groups=self.groups,
+        )
+
+
+class NodeService:
+    def __init__(self, ctx: ServiceContext) -> None:
+        self.ctx = ctx
+        self.name = ctx.settings.node_name or socket.gethostname()
+        self.id: int | None = None
+
+    def _storage(self) -> tuple[int, int]:
+        usage = shutil.disk_usage(self.ctx.settings.data_dir)
+        return usage.total, usage.free
+
+    async def register(self) -> None:
+        """Join the cluster (or the single host's table) as this node."""
+        settings = self.ctx.settings
+        address = settings.node_address or settings.listen
+        total, free = await asyncio.to_thread(self._storage)
+        facts = {
+            "address": address,
+            "cpus": os.cpu_count() or 1,
+            "memory_mib": _mem_total_mib(),
+            "storage_bytes": total,
+            "storage_free_bytes": free,
+            "qemu_version": self.ctx.host.qemu_version[:32],
+            "accel": self.ctx.host.accel.accel,
+            "heartbeat_at": utcnow(),
+        }
+        async with self.ctx.sessions() as session:
+            node = await session.scalar(select(Node).where(Node.name == self.name))
+            if node is None:
+                node = Node(name=self.name, incarnation=1, **facts)
+                session.add(node)
+            else:
+                fresh = utcnow() - _aware(node.heartbeat_at) < NODE_TIMEOUT
+                if fresh and node.address != address:
+                    raise Conflict(
+                        f"node {self.name} is alive at {node.address}: "
+                        "give this daemon another --node-name"
+                    )
+                for key, value in facts.items():
+                    setattr(node, key, value)
+                node.incarnation += 1
+            await session.flush()
+            self.id = node.id
+            await session.execute(update(Vm).where(Vm.node_id.is_(None)).values(node_id=node.id))
+            await session.commit()
+        self.ctx.node_id = self.id
+
+    async def heartbeat(self) -> None:
+        _total, free = await asyncio.to_thread(self._storage)
+        async with self.ctx.sessions() as session:
+            await session.execute(
+                update(Node)
+                .where(Node.id == self.id)
+                .values(heartbeat_at=utcnow(), storage_free_bytes=free)
+            )
+            await session.commit()
+
+    # -- views ------------------------------------------------------------------
+
+    async def list(self) -> list[NodeView]:
+        now = utcnow()
+        async with self.ctx.sessions() as session:
+            nodes = list(await session.scalars(select(Node).order_by(Node.name)))
+            usage = {
+                row.node_id: row
+                for row in await session.execute(
+                    select(
+                        Vm.node_id,
+                        func.count().label("vms"),
+                        func.sum(Vm.vcpus).filter(Vm.state.in_(HOLDING)).label("vcpus"),
+                        func.sum(Vm.memory_mib).filter(Vm.state.in_(HOLDING)).label("memory"),
+                        func.count().filter(Vm.state.in_(HOLDING)).label("running"),
+                    ).group_by(Vm.node_id)
+                )
+            }
+            groups: dict[int | None, set[str]] = {}
+            for node_id, group in await session.execute(
+                select(Vm.node_id, Vm.affinity_group).where(Vm.affinity_group.is_not(None))
+            ):
+                groups.setdefault(node_id, set()).add(group)
+        views = []
+        for node in nodes:
+            used = usage.get(node.id)
+            views.append(
+                NodeView(
+                    name=node.name,
+                    address=node.address,
+                    online=now - _aware(node.heartbeat_at) < NODE_TIMEOUT,
+                    drained=node.drained,
+                    cpus=node.cpus,
+                    memory_mib=node.memory_mib,
+                    storage_bytes=node.storage_bytes,
+                    storage_free_bytes=node.storage_free_bytes,
+                    qemu_version=node.qemu_version,
+                    accel=node.accel,
+                    incarnation=node.incarnation,
+                    heartbeat_at=_aware(node.heartbeat_at),
+                    joined_at=_aware(node.joined_at),
+                    vms=used.vms if used else 0,
+                    running=used.running or 0 if used else 0,
+                    vcpus_used=used.vcpus or 0 if used else 0,
+                    memory_used_mib=used.memory or 0 if used else 0,
+                    groups=frozenset(groups.get(node.id, ())),
+                )
+            )
+        return views
+
+    async def get(self, name: str) -> NodeView:
+        for view in await self.list():
+            if view.name == name:
+                return view
+        raise NotFound(f"no node named {name!r}")
+
+    async def names_by_id(self) -> dict[int, str]:
+        async with self.ctx.sessions() as session:
+            rows = await session.execute(select(Node.id, Node.name))
+            return {node_id: name for node_id, name in rows}
+
+    # -- changes ----------------------------------------------------------------
+
+    async def set_drained(self, name: str, drained: bool) -> NodeView:
+        """Drained: no new VM is placed there. (Moving its VMs away is the
+        migration's job, which is not built into the daemon yet.)"""
+        async with self.ctx.sessions() as session:
+            changed = await session.execute(
+                update(Node).where(Node.name == name).values(drained=drained).returning(Node.id)
+            )
+            if changed.one_or_none() is None:
+                raise NotFound(f"no node named {name!r}")
+            await session.commit()
+        return await self.get(name)
+
+    async def remove(self, name: str) -> None:
+        """Forget a node that is gone: only when offline and owning no VM."""
+        view = await self.get(name)
+        if name == self.name:
+            raise Conflict(f"node {name} is this daemon: remove it from another node")
+        if view.online:
+            raise Conflict(f"node {name} is online: stop its daemon first")
+        if view.vms:
+            raise Conflict(f"node {name} still owns {view.vms} VMs: move or delete them first")
+        async with self.ctx.sessions() as session:
+            node = await session.scalar(select(Node).where(Node.name == name))
+            if node is not None:
+                await session.delete(node)
+            await session.commit()
+
+    # -- placement --------------------------------------------------------------
+
+    async def place(self, demand: Demand, strategy: str = "spread") -> Verdict:
+        try:
+            return place(demand, [v.candidate() for v in await self.list()], strategy)
+        except ValueError as exc:
+            raise InvalidRequest(str(exc)) from None
