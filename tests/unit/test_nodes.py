@@ -88,9 +88,11 @@ async def test_placement_explains_and_create_respects_it(api: Client) -> None:
     assert reasons["dead"] == "offline (no heartbeat)"
     bad = await api.call("POST", "/api/placement", json={"strategy": "random"})
     assert bad.status_code == 422
-    # Creating: placement would pick the other node, which this daemon cannot do yet.
+    # Creating: placement picks the other node, and the request is relayed there
+    # (here nothing listens at its address, so the relay says so).
     elsewhere = await api.call("POST", "/api/vms", json=VM)
-    assert elsewhere.status_code == 409 and "zz-big" in elsewhere.json()["detail"]
+    assert elsewhere.status_code == 502
+    assert "node zz-big at zz-big:8006 did not answer" in elsewhere.json()["detail"]
     assert (await api.call("GET", "/api/vms")).json() == []
     unknown = await api.call("POST", "/api/vms", json={**VM, "node": "nope"})
     assert unknown.status_code == 404

@@ -8,6 +8,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from vmhive.api.auth import Auth
+from vmhive.api.forward import Forwarder
 from vmhive.jobs.runner import JobNotFound
 from vmhive.services.errors import ServiceError
 
@@ -66,4 +67,5 @@ def create_app(daemon: Daemon) -> FastAPI:
 
 
 def wrap(app: Any, daemon: Daemon) -> Auth:
-    return Auth(app, daemon.token, daemon.users)
+    """Admission first (auth.py), then relaying to the owning node (forward.py)."""
+    return Auth(Forwarder(app, daemon), daemon.token, daemon.users, daemon.nodes.secret)

@@ -9,6 +9,8 @@
 - Browsers open console websockets with a one-time ticket (`?ticket=`), which
   the console handler checks against the VM and kind; the ticket itself is
   obtained by a CSRF-protected POST, so a session cookie alone opens no socket.
+- Nodes of a cluster call each other with the cluster secret as bearer token,
+  naming the user they admitted the request for in `X-Vmhive-User`.
 - The login page and its assets are public.
 
 Each admitted request carries its `Login` in `request.state.login`.
@@ -33,6 +35,7 @@ if TYPE_CHECKING:
 
 COOKIE = "vmhive_session"
 CSRF_HEADER = b"x-csrf-token"
+FORWARDED_USER = b"x-vmhive-user"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC = frozenset(
     {
@@ -80,10 +83,13 @@ def is_public(method: str, path: str) -> bool:
 
 
 class Auth:
-    def __init__(self, app: ASGIApp, token: str, users: UserService) -> None:
+    def __init__(
+        self, app: ASGIApp, token: str, users: UserService, cluster_secret: str = ""
+    ) -> None:
         self.app = app
         self.token = token.encode()
         self.users = users
+        self.cluster_secret = cluster_secret.encode()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] not in ("http", "websocket"):
@@ -119,8 +125,14 @@ class Auth:
         authorization = _header(scope, b"authorization")
         if authorization is not None:
             scheme, _, given = authorization.partition(b" ")
-            if scheme.lower() == b"bearer" and hmac.compare_digest(given.strip(), self.token):
+            if scheme.lower() != b"bearer":
+                return None
+            if hmac.compare_digest(given.strip(), self.token):
                 return Login(user="token", via="token")
+            if self.cluster_secret and hmac.compare_digest(given.strip(), self.cluster_secret):
+                # Another node, forwarding a request it admitted for this user.
+                user = (_header(scope, FORWARDED_USER) or b"node").decode("latin-1")
+                return Login(user=user, via="node")
             return None
         cookie = session_cookie(scope)
         if cookie is not None:

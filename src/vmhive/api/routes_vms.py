@@ -9,8 +9,9 @@ from fastapi.responses import JSONResponse
 from sqlalchemy import select
 
 from vmhive.api.deps import daemon_of, job_response
+from vmhive.api.forward import forward_json
 from vmhive.api.schemas import CloudInitIn, VmClone, VmCreate, VmEdit, VmOut
-from vmhive.services.errors import InvalidRequest
+from vmhive.services.errors import InvalidRequest, PlacedElsewhere
 from vmhive.services.vms import CreateVmRequest, DiskRequest, EditVmRequest
 from vmhive.storage.qemu_img import parse_size
 from vmhive.store.models import Vm
@@ -58,7 +59,16 @@ async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSO
             for d in body.disks
         ],
     )
-    return await job_response(daemon, await daemon.vms.create(req), wait)
+    try:
+        job_id = await daemon.vms.create(req)
+    except PlacedElsewhere as elsewhere:  # created by the node placement chose
+        node = await daemon.nodes.address_of(elsewhere.node)
+        body_out = body.model_dump(mode="json") | {"node": elsewhere.node}
+        params = {"wait": "true"} if wait else None
+        return await forward_json(
+            daemon, node, "POST", "/api/vms", request.state.login, body_out, params
+        )
+    return await job_response(daemon, job_id, wait)
 
 
 @router.get("/vms/{name}", response_model=VmOut)

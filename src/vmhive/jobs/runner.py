@@ -32,6 +32,7 @@ QUEUED, RUNNING, SUCCEEDED, FAILED, CANCELLED = (
     "cancelled",
 )
 FINAL_STATES = frozenset({SUCCEEDED, FAILED, CANCELLED})
+FOREIGN_POLL = 0.2  # seconds between reads of a job another node runs
 
 RollbackStep = Callable[[], Awaitable[None]]
 
@@ -177,11 +178,15 @@ class JobRunner:
     # -- observation ------------------------------------------------------
 
     async def wait(self, job_id: str, timeout: float | None = None) -> None:
+        """Until the job has ended. A job another node runs (a shared database) is
+        followed through its row, which its runner flushes as it goes."""
         live = self._live.get(job_id)
-        if live is None:
-            await self.get(job_id)  # raises JobNotFound for unknown ids
+        if live is not None:
+            await asyncio.wait_for(live.done.wait(), timeout)
             return
-        await asyncio.wait_for(live.done.wait(), timeout)
+        async with asyncio.timeout(timeout):
+            while (await self.get(job_id)).state not in FINAL_STATES:  # JobNotFound: unknown
+                await asyncio.sleep(FOREIGN_POLL)
 
     async def get(self, job_id: str) -> Job:
         live = self._live.get(job_id)

@@ -15,3 +15,13 @@ class NotFound(ServiceError):
 
 class Conflict(ServiceError):
     status = 409
+
+
+class PlacedElsewhere(ServiceError):
+    """The VM belongs on another node: the API relays the request there."""
+
+    status = 409
+
+    def __init__(self, node: str) -> None:
+        super().__init__(f"the VM goes to node {node}")
+        self.node = node

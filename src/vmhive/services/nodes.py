@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import secrets
 import shutil
 import socket
 from dataclasses import dataclass
@@ -19,20 +20,28 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.services.host import _mem_total_mib
 from vmhive.services.placement import Candidate, Demand, Verdict, place
-from vmhive.store.models import Node, Vm, utcnow
+from vmhive.store.models import Node, Setting, Vm, utcnow
 
 NODE_TIMEOUT = timedelta(seconds=30)
+CLUSTER_SECRET = "cluster.secret"
 # VMs that hold their memory and vCPUs on a node: running, or meant to run.
 HOLDING = ("starting", "running", "paused", "stopping")
 
 
 def _aware(at: datetime) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=utcnow().tzinfo)
+
+
+@dataclass(frozen=True)
+class NodeAddress:
+    name: str
+    address: str  # host:port of its API
 
 
 @dataclass(frozen=True)
@@ -83,6 +92,7 @@ class NodeService:
         self.ctx = ctx
         self.name = ctx.settings.node_name or socket.gethostname()
         self.id: int | None = None
+        self.secret = ""  # the cluster secret: how nodes authenticate to each other
 
     def _storage(self) -> tuple[int, int]:
         usage = shutil.disk_usage(self.ctx.settings.data_dir)
@@ -123,6 +133,45 @@ class NodeService:
             await session.execute(update(Vm).where(Vm.node_id.is_(None)).values(node_id=node.id))
             await session.commit()
         self.ctx.node_id = self.id
+        self.secret = await self._cluster_secret()
+
+    async def _cluster_secret(self) -> str:
+        """The first node of a cluster makes it; the others read it from the database
+        (whoever can read the database controls the cluster anyway)."""
+        async with self.ctx.sessions() as session:
+            row = await session.get(Setting, CLUSTER_SECRET)
+            if row is not None:
+                return row.value
+            session.add(Setting(key=CLUSTER_SECRET, value=secrets.token_urlsafe(32)))
+            try:
+                await session.commit()
+            except IntegrityError:  # another node made it at the same instant
+                await session.rollback()
+        async with self.ctx.sessions() as session:
+            row = await session.get(Setting, CLUSTER_SECRET)
+            assert row is not None
+            return row.value
+
+    async def owner(self, vm_name: str) -> NodeAddress | None:
+        """The node that owns a VM, when that is another node than this one."""
+        async with self.ctx.sessions() as session:
+            row = (
+                await session.execute(
+                    select(Node.id, Node.name, Node.address)
+                    .join(Vm, Vm.node_id == Node.id)
+                    .where(Vm.name == vm_name)
+                )
+            ).one_or_none()
+        if row is None or row.id == self.id:
+            return None
+        return NodeAddress(row.name, row.address)
+
+    async def address_of(self, name: str) -> NodeAddress:
+        async with self.ctx.sessions() as session:
+            address = await session.scalar(select(Node.address).where(Node.name == name))
+        if address is None:
+            raise NotFound(f"no node named {name!r}")
+        return NodeAddress(name, address)
 
     async def heartbeat(self) -> None:
         _total, free = await asyncio.to_thread(self._storage)

@@ -17,7 +17,7 @@ from sqlalchemy.exc import IntegrityError
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import cloudinit, specs
 from vmhive.services.context import ServiceContext
-from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.services.errors import Conflict, InvalidRequest, NotFound, PlacedElsewhere
 from vmhive.services.host import OVMF_VARS
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.networks import DEFAULT_NETWORK, NetworkService, check_model
@@ -140,10 +140,7 @@ class VmService:
                 raise Conflict(verdict.explain())
             target = verdict.node
         if target != self.nodes.name:
-            raise Conflict(
-                f"placement chose node {target}, but this daemon ({self.nodes.name}) cannot "
-                "create VMs on other nodes yet: send the request to that node's API"
-            )
+            raise PlacedElsewhere(target)
         return self.ctx.node_id
 
     async def create(self, req: CreateVmRequest) -> str:
