@@ -6,6 +6,8 @@ PACKAGES=(
   busybox-static cpio kmod dosfstools mtools syslinux syslinux-common
   e2fsprogs fdisk systemd-boot-efi xz-utils zstd xorriso isolinux
   debootstrap dnsmasq-base nftables iproute2 iputils-ping openssh-client
+  prometheus
+  postgresql
 )
 missing=()
 for p in "${PACKAGES[@]}"; do
@@ -20,4 +22,23 @@ fi
 $SUDO apt-get update -qq
 [ ${#missing[@]} -eq 0 ] && exit 0
 echo "installing Debian packages: ${missing[*]}"
+# prometheus is here for promtool (tests check GET /metrics with it); its
+# postinst would start a Prometheus server. A policy-rc.d that answers 101
+# forbids starting any service during the install (an existing one is the
+# admin's and stays), and on a systemd host the unit is disabled afterwards.
+if [ ! -e /usr/sbin/policy-rc.d ]; then
+  printf '#!/bin/sh\nexit 101\n' | $SUDO tee /usr/sbin/policy-rc.d >/dev/null
+  $SUDO chmod 755 /usr/sbin/policy-rc.d
+  trap '$SUDO rm -f /usr/sbin/policy-rc.d' EXIT
+fi
 DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+if [ -d /run/systemd/system ] && [ -e /lib/systemd/system/prometheus.service ]; then
+  $SUDO systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+fi
+# postgresql is here for `vmhive serve --db postgresql://...` and its tests, which
+# start throwaway servers of their own (tests/pg.py); the cluster Debian creates is
+# not used, so it is disabled when this script installed it (never an admin's).
+if [[ " ${missing[*]} " == *" postgresql "* ]] && [ -d /run/systemd/system ] \
+  && [ -e /lib/systemd/system/postgresql.service ]; then
+  $SUDO systemctl disable --now postgresql.service >/dev/null 2>&1 || true
+fi

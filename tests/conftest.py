@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+
+from tests.pg import PgServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -59,3 +62,35 @@ def installer_iso(tiny_image_dir: Path) -> Path:
         return build_installer_iso(tiny_image_dir, tiny_image_dir)
     except InstallerBuildError as exc:
         pytest.fail(f"cannot build the installer ISO in {tiny_image_dir}: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[PgServer]:
+    """A throwaway PostgreSQL server (unix socket only) for the whole session;
+    `postgres_server.new_database()` gives a fresh, empty database's URL."""
+    server = PgServer.start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def postgres_url(postgres_server: PgServer) -> str:
+    """One empty database of the session's server: postgresql+asyncpg://...?host=DIR."""
+    return postgres_server.new_database("session")
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def hive_db_url(request: pytest.FixtureRequest) -> Iterator[str | None]:
+    """Run a test on both stores: None (SQLite in the data dir, the default) and a
+    fresh PostgreSQL database of its own, dropped afterwards."""
+    if request.param == "sqlite":
+        yield None
+        return
+    server: PgServer = request.getfixturevalue("postgres_server")
+    name = server.unique_name("test")
+    try:
+        yield server.create_database(name)
+    finally:
+        server.drop_database(name)

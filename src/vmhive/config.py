@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from vmhive.store.urls import normalize_db_url
+
 DEFAULT_DATA_DIR = Path("/var/lib/vmhive")
 DEFAULT_LISTEN = "127.0.0.1:8006"
 # AF_UNIX paths are limited to 107 bytes; the longest socket we create is
@@ -21,7 +23,7 @@ def default_data_dir() -> Path:
 @dataclass(frozen=True)
 class Settings:
     data_dir: Path = field(default_factory=default_data_dir)
-    db_url: str | None = None  # None: SQLite in the data dir
+    db_url: str | None = None  # None: SQLite in the data dir; see store.urls
     listen: str = DEFAULT_LISTEN
     accel: str = "auto"  # auto | kvm | tcg
     image_dir: Path | None = None  # None: <data-dir>/images
@@ -29,6 +31,7 @@ class Settings:
     default_network: bool = False  # a nat network "default" on first start (`serve` sets it)
     stop_timeout: float = 60.0  # graceful ACPI power-off before forcing
     reconcile_interval: float = 5.0
+    metrics_interval: float = 5.0  # seconds between samples of the host and every VM
     serial_log_max_bytes: int = 1024 * 1024
     node_name: str | None = None  # None: the host name
     node_address: str | None = None  # host:port other nodes reach this API at; None: listen
@@ -39,7 +42,9 @@ class Settings:
 
     @property
     def database_url(self) -> str:
-        return self.db_url or f"sqlite+aiosqlite:///{self.db_path}"
+        if self.db_url:
+            return normalize_db_url(self.db_url)
+        return f"sqlite+aiosqlite:///{self.db_path}"
 
     @property
     def api_socket(self) -> Path:
@@ -82,4 +87,10 @@ class Settings:
             )
         if self.accel not in ("auto", "kvm", "tcg"):
             raise ValueError(f"--accel must be auto, kvm or tcg, got {self.accel!r}")
+        if not 0.1 <= self.metrics_interval <= 600:
+            raise ValueError(
+                f"--metrics-interval must be between 0.1 and 600 seconds, got {self.metrics_interval}"
+            )
         self.listen_host_port()
+        if self.db_url:
+            normalize_db_url(self.db_url)

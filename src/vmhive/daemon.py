@@ -25,6 +25,7 @@ from vmhive.hypervisor.base import Driver
 from vmhive.hypervisor.qemu.accel import choose_accel
 from vmhive.hypervisor.qemu.driver import QemuDriver
 from vmhive.jobs.runner import JobRunner
+from vmhive.metrics.service import MetricsService
 from vmhive.services.cloudinit import CloudInitService
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict
@@ -131,6 +132,8 @@ class Daemon:
         await self.networks.sync_ports()
         await self.agent.autostart()
         self.agent.start_loop()
+        self.metrics = MetricsService(settings, self.sessions, self.driver)
+        await self.metrics.start()
         self.schedules.start()
         self._heartbeat = asyncio.create_task(self._beat(), name="heartbeat")
         log.info("accelerator: %s (%s)", verdict.accel, verdict.reason)
@@ -140,6 +143,7 @@ class Daemon:
         self._heartbeat.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await self._heartbeat
+        await self.metrics.stop()  # and saves the history
         await self.agent.stop_loop()
         await self.schedules.stop()
         await self.runner.shutdown()
@@ -164,10 +168,11 @@ class Daemon:
     async def create_demo(self) -> None:
         """On the very first start, create and start a VM named demo."""
         async with self.sessions() as session:
-            if await session.get(Setting, DEMO_SETTING) is not None:
-                return
-            session.add(Setting(key=DEMO_SETTING, value="1"))
+            # Once per database: of hosts sharing one, only the first makes it.
+            made = await db.insert_if_absent(session, Setting, key=DEMO_SETTING, value="1")
             await session.commit()
+        if not made:
+            return
         if await self.images.get("tiny") is None:
             log.info("building the tiny guest image for the demo VM (first start only)")
             job_id = await self.images.build("tiny")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import shutil
+import tempfile
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -48,12 +49,29 @@ class Client:
 
 @contextlib.asynccontextmanager
 async def fake_hive(
-    tmp_path: Path, prefix: str, *, token: bool = True, schedules: bool = True
+    tmp_path: Path,
+    prefix: str,
+    *,
+    token: bool = True,
+    schedules: bool = True,
+    db_url: str | None = None,
+    **settings: Any,
 ) -> AsyncIterator[Client]:
     """A started daemon; `token`: the client sends the bearer token (an API script);
-    `schedules=False`: the snapshot schedules' loop is stopped (tests run passes)."""
-    data = Path("/tmp") / f"{prefix}-{tmp_path.name[-20:]}"
-    settings = Settings(data_dir=data, accel="tcg", create_demo=False, stop_timeout=0.5)
+    `schedules=False`: the snapshot schedules' loop is stopped (tests run passes);
+    `db_url`: its database (None: SQLite in the data dir; see `hive_db_url`);
+    other keywords are further `Settings` fields (e.g. node_name)."""
+    # Unique even across concurrent pytest runs (their tmp_path names repeat), and
+    # short, for unix socket paths.
+    data = Path(tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp"))
+    settings = Settings(
+        data_dir=data,
+        db_url=db_url,
+        accel="tcg",
+        create_demo=False,
+        stop_timeout=0.5,
+        **settings,
+    )
     driver = FakeDriver()
     daemon = Daemon(settings, driver)
     await daemon.start()

@@ -13,8 +13,8 @@ from vmhive.hypervisor.base import ObservedState
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    async with fake_hive(tmp_path, "vhu") as hive:
+async def client(tmp_path: Path, hive_db_url: str | None) -> AsyncIterator[Client]:
+    async with fake_hive(tmp_path, "vhu", db_url=hive_db_url) as hive:
         yield hive
 
 
@@ -97,7 +97,8 @@ async def test_create_rolls_back_when_a_step_fails(
 
 
 async def test_jobs_on_one_vm_are_serialized(client: Client) -> None:
-    await client.job("POST", "/api/vms", json={**BLANK, "start": True})
+    await client.job("POST", "/api/vms", json=BLANK)
+    await client.ok("POST", "/api/vms/web/start")  # running before the two jobs race
     first = (await client.call("POST", "/api/vms/web/reboot")).json()
     second = (await client.call("POST", "/api/vms/web/pause")).json()
     assert first["state"] in ("queued", "running") and second["state"] == "queued"

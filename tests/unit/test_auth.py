@@ -19,9 +19,9 @@ PASSWORD = "correct horse battery"
 
 
 @pytest.fixture
-async def browser(tmp_path: Path) -> AsyncIterator[Client]:
+async def browser(tmp_path: Path, hive_db_url: str | None) -> AsyncIterator[Client]:
     """A client with no bearer token: what a browser is."""
-    async with fake_hive(tmp_path, "vha", token=False) as hive:
+    async with fake_hive(tmp_path, "vha", token=False, db_url=hive_db_url) as hive:
         await hive.daemon.users.set_password("admin", PASSWORD)
         yield hive
 
@@ -43,8 +43,8 @@ def test_password_hashes_are_salted_and_verify() -> None:
     assert not verify_password("s3cret-pass", "garbage")
 
 
-async def test_first_start_creates_admin_once(tmp_path: Path) -> None:
-    async with fake_hive(tmp_path, "vhb") as hive:
+async def test_first_start_creates_admin_once(tmp_path: Path, hive_db_url: str | None) -> None:
+    async with fake_hive(tmp_path, "vhb", db_url=hive_db_url) as hive:
         users = UserService(hive.daemon.sessions)
         assert await users.ensure_admin() is None  # the daemon's start made it already
         assert [u.name for u in await users.list()] == ["admin"]
@@ -111,8 +111,8 @@ async def test_a_new_password_ends_open_sessions(browser: Client) -> None:
     await login(browser, "another password")
 
 
-async def test_user_management_validates(tmp_path: Path) -> None:
-    async with fake_hive(tmp_path, "vhc") as api:
+async def test_user_management_validates(tmp_path: Path, hive_db_url: str | None) -> None:
+    async with fake_hive(tmp_path, "vhc", db_url=hive_db_url) as api:
         short = await api.call("POST", "/api/users", json={"name": "bob", "password": "short"})
         assert short.status_code == 422 and "8 to 1024" in short.json()["detail"]
         bad = await api.call("POST", "/api/users", json={"name": "Bob!", "password": PASSWORD})
@@ -186,8 +186,8 @@ async def test_event_bus_drops_a_stalled_subscriber() -> None:
     assert slow.empty() and fast.get_nowait() == ("vm", {"n": -1})
 
 
-async def test_state_changes_are_published(tmp_path: Path) -> None:
-    async with fake_hive(tmp_path, "vhe") as api:
+async def test_state_changes_are_published(tmp_path: Path, hive_db_url: str | None) -> None:
+    async with fake_hive(tmp_path, "vhe", db_url=hive_db_url) as api:
         queue = api.daemon.ctx.events.subscribe()
         body = {"name": "ev", "generation": 1, "memory_mib": 64, "nic": False, "start": True}
         await api.ok("POST", "/api/vms", json=body)
@@ -204,8 +204,10 @@ async def test_state_changes_are_published(tmp_path: Path) -> None:
                 break
 
 
-async def test_upload_imports_the_body_and_leaves_nothing(tmp_path: Path) -> None:
-    async with fake_hive(tmp_path, "vhd") as api:
+async def test_upload_imports_the_body_and_leaves_nothing(
+    tmp_path: Path, hive_db_url: str | None
+) -> None:
+    async with fake_hive(tmp_path, "vhd", db_url=hive_db_url) as api:
         uploads = routes_uploads.uploads_dir(api.daemon.settings.data_dir)
         junk = await api.call("PUT", "/api/isos/junk.iso/upload", content=b"not an iso" * 100)
         assert junk.status_code == 422 and "ISO 9660" in junk.json()["detail"]

@@ -31,8 +31,8 @@ class Client(BaseClient):
 
 
 @pytest.fixture
-async def client(tmp_path: Path) -> AsyncIterator[Client]:
-    async with fake_hive(tmp_path, "vhs", schedules=False) as hive:
+async def client(tmp_path: Path, hive_db_url: str | None) -> AsyncIterator[Client]:
+    async with fake_hive(tmp_path, "vhs", schedules=False, db_url=hive_db_url) as hive:
         yield Client(hive.http, hive.daemon, hive.driver)
 
 

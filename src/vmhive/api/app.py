@@ -24,6 +24,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         routes_host,
         routes_images,
         routes_jobs,
+        routes_metrics,
         routes_networks,
         routes_nodes,
         routes_snapshots,
@@ -63,6 +64,8 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(routes_uploads.router, prefix="/api")
     app.include_router(routes_vms.router, prefix="/api")
     app.include_router(routes_jobs.router, prefix="/api")
+    app.include_router(routes_metrics.router, prefix="/api")
+    app.include_router(routes_metrics.root_router)
     return app
 
 

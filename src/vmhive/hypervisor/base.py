@@ -45,6 +45,44 @@ class AdoptResult:
     pid: int | None = None
 
 
+@dataclass(frozen=True)
+class DiskCounters:
+    """One disk's cumulative I/O since its QEMU started (QMP query-blockstats)."""
+
+    name: str  # the QEMU device id, "disk0", "disk1", ...
+    read_bytes: int
+    write_bytes: int
+    read_ops: int
+    write_ops: int
+
+
+@dataclass(frozen=True)
+class NicCounters:
+    """One NIC's cumulative traffic as the guest sees it (received = into the guest)."""
+
+    name: str  # "net0", "net1", ...
+    rx_bytes: int
+    tx_bytes: int
+    rx_packets: int
+    tx_packets: int
+
+
+@dataclass(frozen=True)
+class VmStats:
+    """Raw counters of one running VM; the metrics sampler turns them into rates.
+
+    `pid` tells a restarted QEMU (counters back at zero) from the one sampled before.
+    """
+
+    pid: int
+    vcpus: int
+    cpu_seconds: float  # user + system time of the whole QEMU process
+    memory_bytes: int  # resident set of the QEMU process
+    disks: tuple[DiskCounters, ...] = ()
+    nics: tuple[NicCounters, ...] = ()
+    uncounted_nics: tuple[str, ...] = ()  # NICs without counters (user-mode networking)
+
+
 class Console(ABC):
     """A VM's live serial console as the API layer sees it: output fans out to
     every subscriber, with a cap per subscriber so a stalled viewer cannot
@@ -221,3 +259,7 @@ class Driver(ABC):
     @abstractmethod
     async def cleanup(self, vm_uuid: str, runtime: RuntimePaths) -> None:
         """Remove a stopped VM's run directory (sockets, pidfile, logs)."""
+
+    async def stats(self, vm_uuid: str) -> VmStats | None:
+        """The VM's raw counters now; None when it is not running or has none."""
+        return None

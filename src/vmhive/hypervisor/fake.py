@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 
 from vmhive.hypervisor.base import (
     AdoptResult,
     Console,
+    DiskCounters,
     Driver,
     DriverError,
+    NicCounters,
     NotRunning,
     ObservedState,
+    VmStats,
 )
 from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
@@ -59,6 +63,8 @@ class FakeDriver(Driver):
         self.loaded_snapshots: dict[str, str] = {}
         self._pids = itertools.count(10_000)
         self._stopped: dict[str, asyncio.Event] = {}
+        # vm uuid -> (pid, monotonic start time): stats grow from the start
+        self.stats_base: dict[str, tuple[int, float]] = {}
 
     async def start(self, spec: VmSpec, *, snapshot: str | None = None) -> int:
         if spec.uuid in self.started:
@@ -71,7 +77,9 @@ class FakeDriver(Driver):
         self.started[spec.uuid] = spec
         self.consoles[spec.uuid] = FakeConsole()
         self._stopped[spec.uuid] = asyncio.Event()
-        return next(self._pids)
+        pid = next(self._pids)
+        self.stats_base[spec.uuid] = (pid, time.monotonic())
+        return pid
 
     async def adopt(self, spec: VmSpec) -> AdoptResult:
         if spec.uuid in self.started:
@@ -222,6 +230,33 @@ class FakeDriver(Driver):
 
     def console_log(self, runtime: RuntimePaths) -> bytes:
         return b""
+
+    async def stats(self, vm_uuid: str) -> VmStats | None:
+        """Counters that grow steadily from the start: a quarter of each vCPU busy,
+        1 MiB/s read and 64 KiB/s written per disk, 100 kB/s each way per TAP NIC."""
+        spec = self.started.get(vm_uuid)
+        if spec is None:
+            return None
+        pid, started_at = self.stats_base.get(vm_uuid, (1, time.monotonic()))
+        up = time.monotonic() - started_at
+        return VmStats(
+            pid=pid,
+            vcpus=spec.vcpus,
+            cpu_seconds=up * spec.vcpus / 4,
+            memory_bytes=spec.memory_mib * 1024 * 1024 // 2,
+            disks=tuple(
+                DiskCounters(f"disk{i}", int(up * 2**20), int(up * 2**16), int(up * 64), int(up))
+                for i in range(len(spec.disks))
+            ),
+            nics=tuple(
+                NicCounters(f"net{i}", int(up * 1e5), int(up * 1e5), int(up * 70), int(up * 70))
+                for i, nic in enumerate(spec.nics)
+                if nic.backend == "tap"
+            ),
+            uncounted_nics=tuple(
+                f"net{i}" for i, nic in enumerate(spec.nics) if nic.backend != "tap"
+            ),
+        )
 
     async def detach_all(self) -> None:
         self.started.clear()

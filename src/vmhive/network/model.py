@@ -241,7 +241,9 @@ def validate_network(net: Network) -> None:
             f"got {net.lease_seconds!r}"
         )
     if net.domain is not None and (
-        not isinstance(net.domain, str) or not DOMAIN_RE.fullmatch(net.domain)
+        not isinstance(net.domain, str)
+        or not DOMAIN_RE.fullmatch(net.domain)
+        or len(net.domain) > 253  # DNS's limit (and the column's)
     ):
         raise NetworkConfigError(f"network {net.name}: DNS domain {net.domain!r} is invalid")
 

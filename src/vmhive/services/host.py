@@ -12,6 +12,7 @@ from typing import Any
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from vmhive.hypervisor.qemu.accel import AccelVerdict
+from vmhive.store.db import insert_if_absent
 from vmhive.store.models import Setting
 
 OVMF_CODE = Path("/usr/share/OVMF/OVMF_CODE_4M.fd")
@@ -95,8 +96,12 @@ async def pinned_machines(sessions: async_sessionmaker[Any]) -> dict[int, str]:
             row = await session.get(Setting, key)
             if row is None:
                 help_text = help_text or await _qemu_output("-machine", "help")
-                row = Setting(key=key, value=resolve_alias(help_text, alias))
-                session.add(row)
+                # Another host of a shared database may pin it first: its value wins.
+                await insert_if_absent(
+                    session, Setting, key=key, value=resolve_alias(help_text, alias)
+                )
+                row = await session.get(Setting, key)
+                assert row is not None
             machines[generation] = row.value
         await session.commit()
     return machines

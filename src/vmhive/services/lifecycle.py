@@ -40,12 +40,19 @@ class Lifecycle:
         **params: Any,
     ) -> str:
         vm = await self.ctx.load_vm(name)
-        check(vm)
         vm_uuid = vm.uuid
         target = f"vm:{vm_uuid}"
+        busy = self.ctx.runner.busy(target)
+        try:
+            check(vm)
+        except Conflict:
+            # While another job on the VM runs (a reboot has it off for a moment),
+            # what we read is passing: the queued job checks again at its turn.
+            if not busy:
+                raise
         # A job that will not wait for the VM's lock can use what we just read;
         # one that queues behind another must read the VM again when its turn comes.
-        fresh = None if self.ctx.runner.busy(target) else vm
+        fresh = None if busy else vm
 
         async def job(ctx: JobContext) -> dict[str, Any]:
             current = fresh or await self.ctx.load_vm_by_uuid(vm_uuid)

@@ -22,6 +22,7 @@ from datetime import timedelta
 from typing import Any
 
 from sqlalchemy import delete, func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
@@ -117,7 +118,10 @@ class UserService:
             if await session.scalar(select(func.count()).select_from(User)):
                 return None
         password = secrets.token_urlsafe(12)
-        await self.add(ADMIN, password)
+        try:
+            await self.add(ADMIN, password)
+        except Conflict:  # another host of a shared database made it meanwhile
+            return None
         return password
 
     async def list(self) -> list[User]:
@@ -133,7 +137,10 @@ class UserService:
                 raise Conflict(f"user {name} exists")
             user = User(name=name, password_hash=hashed)
             session.add(user)
-            await session.commit()
+            try:
+                await session.commit()
+            except IntegrityError:  # added at the same moment by another request
+                raise Conflict(f"user {name} exists") from None
             return user
 
     async def set_password(self, name: str, password: str) -> None:

@@ -21,6 +21,7 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.storage import qemu_img
 from vmhive.storage.pools import Capacity, PoolDriver, VolumeSizes, driver_for
+from vmhive.store.db import insert_if_absent
 from vmhive.store.models import Disk, Pool, Vm, Volume
 
 DEFAULT_POOL = "local"
@@ -60,7 +61,7 @@ class VolumeService:
         path = self.ctx.settings.data_dir / "pools" / DEFAULT_POOL
         async with self.ctx.sessions() as session:
             if await session.scalar(select(Pool).where(Pool.name == DEFAULT_POOL)) is None:
-                session.add(Pool(name=DEFAULT_POOL, type="dir", path=str(path)))
+                await insert_if_absent(session, Pool, name=DEFAULT_POOL, type="dir", path=str(path))
                 await session.commit()
             pools = list(await session.scalars(select(Pool)))
         for pool in pools:

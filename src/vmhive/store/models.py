@@ -9,7 +9,6 @@ from sqlalchemy import (
     JSON,
     BigInteger,
     Boolean,
-    DateTime,
     Float,
     ForeignKey,
     Integer,
@@ -18,6 +17,8 @@ from sqlalchemy import (
     UniqueConstraint,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
+
+from vmhive.store.types import UtcDateTime
 
 
 def utcnow() -> datetime:
@@ -69,10 +70,8 @@ class Vm(Base):
     node_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     # VMs of the same anti-affinity group are placed on different nodes.
     affinity_group: Mapped[str | None] = mapped_column(String(64), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    updated_at: Mapped[datetime] = mapped_column(
-        DateTime(timezone=True), default=utcnow, onupdate=utcnow
-    )
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow, onupdate=utcnow)
 
     disks: Mapped[list[Disk]] = relationship(
         back_populates="vm", order_by="Disk.index", cascade="all, delete-orphan", lazy="selectin"
@@ -118,7 +117,7 @@ class Pool(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True)
     type: Mapped[str] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="pool", order_by="Volume.name")
 
@@ -136,7 +135,7 @@ class Volume(Base):
     backing_id: Mapped[int | None] = mapped_column(
         ForeignKey("volumes.id", ondelete="RESTRICT"), nullable=True
     )
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     pool: Mapped[Pool] = relationship(back_populates="volumes", lazy="joined")
 
@@ -181,7 +180,8 @@ class Network(Base):
     __tablename__ = "networks"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    name: Mapped[str] = mapped_column(String(32), unique=True)
+    # As long as a name may be (network.names): PostgreSQL enforces the length.
+    name: Mapped[str] = mapped_column(String(63), unique=True)
     type: Mapped[str] = mapped_column(String(16))  # nat | internal | private | external
     bridge: Mapped[str] = mapped_column(String(15), unique=True)
     subnet: Mapped[str | None] = mapped_column(String(18), nullable=True)
@@ -190,7 +190,7 @@ class Network(Base):
     dhcp_end: Mapped[str | None] = mapped_column(String(15), nullable=True)
     uplink: Mapped[str | None] = mapped_column(String(15), nullable=True)
     domain: Mapped[str | None] = mapped_column(String(253), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class PortForward(Base):
@@ -212,15 +212,16 @@ class Job(Base):
 
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     kind: Mapped[str] = mapped_column(String(32))
-    target: Mapped[str | None] = mapped_column(String(128), nullable=True)
+    # Room for the longest target, "iso:" + a 128-character name.
+    target: Mapped[str | None] = mapped_column(String(255), nullable=True)
     state: Mapped[str] = mapped_column(String(16), default="queued")
     progress: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     params: Mapped[dict[str, Any]] = mapped_column(JSON, default=dict)
     result: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    started_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    finished_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
 
 
 class JobLog(Base):
@@ -230,7 +231,7 @@ class JobLog(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id", ondelete="CASCADE"), index=True)
     seq: Mapped[int] = mapped_column(Integer)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     message: Mapped[str] = mapped_column(Text)
 
 
@@ -240,7 +241,7 @@ class Event(Base):
     __tablename__ = "events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
-    at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     vm_uuid: Mapped[str | None] = mapped_column(String(36), nullable=True, index=True)
     kind: Mapped[str] = mapped_column(String(32))
     message: Mapped[str] = mapped_column(Text)
@@ -266,9 +267,9 @@ class SnapshotSchedule(Base):
     interval_seconds: Mapped[int] = mapped_column(Integer)
     keep: Mapped[int] = mapped_column(Integer)
     with_memory: Mapped[bool] = mapped_column(Boolean, default=False)
-    next_run_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
-    last_run_at: Mapped[datetime | None] = mapped_column(DateTime(timezone=True), nullable=True)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    next_run_at: Mapped[datetime] = mapped_column(UtcDateTime())
+    last_run_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class Snapshot(Base):
@@ -294,7 +295,7 @@ class Snapshot(Base):
         ForeignKey("snapshot_schedules.id", ondelete="SET NULL"), nullable=True
     )
     description: Mapped[str] = mapped_column(Text, default="")
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     with_memory: Mapped[bool] = mapped_column(Boolean, default=False)
     # The VM's observed state when the snapshot was taken: running | paused | stopped.
     vm_state: Mapped[str] = mapped_column(String(16))
@@ -317,8 +318,8 @@ class User(Base):
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     name: Mapped[str] = mapped_column(String(64), unique=True)
     password_hash: Mapped[str] = mapped_column(String(255))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    password_changed_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    password_changed_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
 
 class LoginSession(Base):
@@ -330,8 +331,8 @@ class LoginSession(Base):
     id: Mapped[str] = mapped_column(String(64), primary_key=True)  # sha256(cookie) hex
     user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"), index=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    expires_at: Mapped[datetime] = mapped_column(DateTime(timezone=True))
+    created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    expires_at: Mapped[datetime] = mapped_column(UtcDateTime())
 
 
 class Node(Base):
@@ -355,5 +356,5 @@ class Node(Base):
     accel: Mapped[str] = mapped_column(String(8), default="")
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     incarnation: Mapped[int] = mapped_column(Integer, default=1)
-    joined_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
-    heartbeat_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    joined_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
+    heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)

@@ -24,8 +24,10 @@ from vmhive.hypervisor.base import (
     DriverError,
     NotRunning,
     ObservedState,
+    VmStats,
 )
 from vmhive.hypervisor.qemu import qga
+from vmhive.hypervisor.qemu import stats as qemu_stats
 from vmhive.hypervisor.qemu.argv import blockdev_nodes, build_argv
 from vmhive.hypervisor.qemu.process import (
     LaunchError,
@@ -745,6 +747,10 @@ class QemuDriver(Driver):
     def console(self, vm_uuid: str) -> Console | None:
         vm = self._vms.get(vm_uuid)
         return vm.serial if vm else None
+
+    async def stats(self, vm_uuid: str) -> VmStats | None:
+        vm = self._vms.get(vm_uuid)
+        return None if vm is None else await qemu_stats.collect(vm.spec, vm.process.pid, vm.monitor)
 
     def console_log(self, runtime: RuntimePaths) -> bytes:
         try:

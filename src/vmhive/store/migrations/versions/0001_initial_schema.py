@@ -34,7 +34,9 @@ def upgrade() -> None:
         "jobs",
         sa.Column("id", sa.String(length=36), nullable=False),
         sa.Column("kind", sa.String(length=32), nullable=False),
-        sa.Column("target", sa.String(length=128), nullable=True),
+        # 255 (was 128): "iso:" + a 128-character name must fit, and PostgreSQL
+        # enforces the length. SQLite does not, so databases made with 128 behave the same.
+        sa.Column("target", sa.String(length=255), nullable=True),
         sa.Column("state", sa.String(length=16), nullable=False),
         sa.Column("progress", sa.Integer(), nullable=False),
         sa.Column("error", sa.Text(), nullable=True),

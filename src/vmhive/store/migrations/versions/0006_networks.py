@@ -20,7 +20,9 @@ def upgrade() -> None:
     op.create_table(
         "networks",
         sa.Column("id", sa.Integer(), nullable=False),
-        sa.Column("name", sa.String(length=32), nullable=False),
+        # 63 (was 32): network names may be that long, and PostgreSQL enforces the
+        # length. SQLite does not, so databases made with 32 behave the same.
+        sa.Column("name", sa.String(length=63), nullable=False),
         sa.Column("type", sa.String(length=16), nullable=False),
         sa.Column("bridge", sa.String(length=15), nullable=False),
         sa.Column("subnet", sa.String(length=18), nullable=True),
