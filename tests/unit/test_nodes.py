@@ -11,7 +11,7 @@ import pytest
 from sqlalchemy import select, update
 
 from tests.unit.fakehive import Client, fake_hive
-from vmhive.store.models import Node, Vm, utcnow
+from vmhive.store.models import Job, Node, Vm, utcnow
 
 VM = {"name": "n1", "generation": 1, "memory_mib": 64, "nic": False}
 
@@ -121,3 +121,21 @@ async def test_a_node_leaves_other_nodes_vms_alone(api: Client) -> None:
         vm = await session.scalar(select(Vm).where(Vm.name == "theirs"))
     assert vm is not None and vm.state == "running"
     assert not api.driver.is_running("u-2")
+
+
+async def test_recovery_fails_only_this_nodes_interrupted_jobs(api: Client) -> None:
+    """At start a node fails the jobs its own stop interrupted; another node's
+    running job on the shared database is that node's business."""
+    other = await add_node(api, "other")
+    async with api.daemon.sessions() as session:
+        for job_id, node_id in (("j-mine", api.daemon.nodes.id), ("j-theirs", other)):
+            session.add(Job(id=job_id, kind="vm.start", state="running", node_id=node_id,
+                            params={}, created_at=utcnow()))  # fmt: skip
+        await session.commit()
+    failed = await api.daemon.runner.recover()
+    assert [job.id for job in failed] == ["j-mine"]
+    assert (await api.daemon.runner.get("j-theirs")).state == "running"
+    made = await api.ok("POST", "/api/vms", json={**VM, "node": api.daemon.nodes.name})
+    async with api.daemon.sessions() as session:
+        job = await session.get(Job, made["id"])
+    assert job is not None and job.node_id == api.daemon.nodes.id

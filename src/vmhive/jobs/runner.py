@@ -99,6 +99,9 @@ class JobRunner:
         self._locks: dict[str, asyncio.Lock] = {}
         self._live: dict[str, _Live] = {}
         self._listeners: set[asyncio.Queue[dict[str, Any]]] = set()
+        # This daemon's node (set once it registered): its jobs carry it, and
+        # recovery after a stop fails only its own, never another node's.
+        self.node_id: int | None = None
 
     # -- submission -------------------------------------------------------
 
@@ -120,6 +123,7 @@ class JobRunner:
             progress=0,
             params=params or {},
             created_at=utcnow(),
+            node_id=self.node_id,
         )
         async with self._sessions() as session:
             session.add(job)
@@ -243,7 +247,10 @@ class JobRunner:
     async def recover(self) -> list[Job]:
         """Fail every job that a previous daemon left queued or running."""
         async with self._sessions() as session:
-            rows = list(await session.scalars(select(Job).where(Job.state.in_([QUEUED, RUNNING]))))
+            mine = Job.node_id.is_(None) if self.node_id is None else Job.node_id == self.node_id
+            rows = list(
+                await session.scalars(select(Job).where(Job.state.in_([QUEUED, RUNNING]), mine))
+            )
             for job in rows:
                 job.state = FAILED
                 job.error = "interrupted: the daemon stopped while this job ran"

@@ -26,7 +26,7 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.services.host import _mem_total_mib
 from vmhive.services.placement import Candidate, Demand, Verdict, place
-from vmhive.store.models import Node, Setting, Vm, utcnow
+from vmhive.store.models import Job, Node, Setting, Vm, utcnow
 
 NODE_TIMEOUT = timedelta(seconds=30)
 CLUSTER_SECRET = "cluster.secret"
@@ -131,8 +131,10 @@ class NodeService:
             await session.flush()
             self.id = node.id
             await session.execute(update(Vm).where(Vm.node_id.is_(None)).values(node_id=node.id))
+            await session.execute(update(Job).where(Job.node_id.is_(None)).values(node_id=node.id))
             await session.commit()
         self.ctx.node_id = self.id
+        self.ctx.runner.node_id = self.id
         self.secret = await self._cluster_secret()
 
     async def _cluster_secret(self) -> str:

@@ -222,6 +222,8 @@ class Job(Base):
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     started_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(UtcDateTime(), nullable=True)
+    # The node whose runner runs it (nodes.id): only that node recovers it.
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
 
 
 class JobLog(Base):
