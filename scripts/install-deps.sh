@@ -9,6 +9,11 @@ PACKAGES=(
   prometheus
   postgresql
 )
+# The web UI: its end-to-end tests drive Debian's chromium; its assets come from
+# npm. node and npm may come from elsewhere (NodeSource's nodejs bundles npm and
+# conflicts with Debian's npm), so Debian's are installed only when npm is absent.
+PACKAGES+=(chromium)
+command -v npm >/dev/null || PACKAGES+=(nodejs npm)
 missing=()
 for p in "${PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

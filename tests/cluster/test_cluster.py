@@ -10,9 +10,11 @@ import sys
 import textwrap
 
 import pytest
+from sqlalchemy import create_engine, text
 
 from tests.cluster.conftest import Cluster, Node
 from tests.functional.hive import wait_for
+from vmhive.store import db
 
 pytestmark = [pytest.mark.cluster, pytest.mark.network, pytest.mark.functional]
 
@@ -132,3 +134,26 @@ def test_browser_console_through_another_node(cluster: Cluster) -> None:
     assert first.startswith("RFB 003.")
     assert again == "refused"  # the ticket was used up on n3
     n1.hive.cli("vm", "force-stop", "v1")
+
+
+def test_a_node_back_from_the_dead_fences_a_vm_moved_away(cluster: Cluster) -> None:
+    """n1 dies with a guest running; meanwhile the VM becomes n2's (as a failover
+    or a migration would make it). When n1 comes back it kills that QEMU instead
+    of adopting it, and a start of the VM through n1 goes to n2."""
+    n1, n2 = cluster["n1"], cluster["n2"]
+    tiny(n1, "f1", "--node", "n1", "--start")
+    assert len(n1.hive.qemu_pids()) == 1
+    n1.hive.kill_daemon()  # its guest runs on, unwatched
+    engine = create_engine(db.sync_url(cluster.db_url))
+    with engine.begin() as conn:
+        conn.execute(
+            text("UPDATE vms SET node_id = (SELECT id FROM nodes WHERE name = 'n2') "
+                 "WHERE name = 'f1'")
+        )  # fmt: skip
+    engine.dispose()
+    n1.hive.start()
+    wait_for(lambda: not n1.hive.qemu_pids(), 15, "n1 to fence f1's QEMU")
+    assert "VM f1 belongs to another node now: killed its QEMU" in n1.hive.daemon_log()
+    assert owner(n1, "f1") == "n2"
+    n1.hive.cli("vm", "delete", "f1", "--force")
+    assert not n2.hive.qemu_pids()

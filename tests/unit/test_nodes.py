@@ -139,3 +139,17 @@ async def test_recovery_fails_only_this_nodes_interrupted_jobs(api: Client) -> N
     async with api.daemon.sessions() as session:
         job = await session.get(Job, made["id"])
     assert job is not None and job.node_id == api.daemon.nodes.id
+
+
+async def test_a_start_needs_ownership(api: Client) -> None:
+    """A node that lost a VM (moved away while it was declared dead) never starts it."""
+    other = await add_node(api, "other")
+    async with api.daemon.sessions() as session:
+        session.add(Vm(uuid="u-3", name="moved", generation=1, vcpus=1, memory_mib=64,
+                       machine="pc", node_id=other, state="stopped"))  # fmt: skip
+        await session.commit()
+    job_id = await api.daemon.lifecycle.start("moved")  # as a stale node would
+    await api.daemon.runner.wait(job_id, 10)
+    job = await api.daemon.runner.get(job_id)
+    assert job.state == "failed" and "belongs to another node" in (job.error or "")
+    assert not api.driver.is_running("u-3")

@@ -80,7 +80,25 @@ class Agent:
                 await self.vms.finish_delete(vm.uuid)
             else:
                 await self._adopt(vm)
+        await self._fence_moved_away()
         self._report_unowned()
+
+    async def _fence_moved_away(self) -> None:
+        """VMs that ran here and belong to another node now (moved while this node
+        was down or thought dead): their QEMU must not run on here as well."""
+        async with self.ctx.sessions() as session:
+            others = list(await session.scalars(select(Vm).where(~self.ctx.here())))
+        for vm in others:
+            runtime = specs.runtime_paths(self.ctx.settings, vm.uuid)
+            if not runtime.run_dir.exists():
+                continue
+            done = await self.ctx.driver.fence(runtime)
+            if done is not None:
+                log.warning("VM %s belongs to another node now: %s", vm.name, done)
+                async with self.ctx.sessions() as session:
+                    message = f"{vm.name}: fenced on this node ({done})"
+                    session.add(Event(vm_uuid=vm.uuid, kind="fence", message=message))
+                    await session.commit()
 
     async def _undo_interrupted(self, kind: str, target: str) -> None:
         """What an interrupted job made and would have rolled back. (Half-made

@@ -252,6 +252,11 @@ class Driver(ABC):
     def console_log(self, runtime: RuntimePaths) -> bytes:
         """The captured serial output; kept after the VM stops, until it is deleted."""
 
+    async def fence(self, runtime: RuntimePaths) -> str | None:
+        """Make sure no guest of a VM another node now owns runs here (this node
+        was thought dead and the VM moved away). What it did, or None."""
+        return None
+
     @abstractmethod
     async def detach_all(self) -> None:
         """Let go of every VM without touching it (daemon shutdown)."""

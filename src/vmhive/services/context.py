@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import ColumnElement, select, true, update
+from sqlalchemy import ColumnElement, or_, select, true, update
 from sqlalchemy.ext.asyncio import AsyncSession, async_sessionmaker
 from sqlalchemy.orm import joinedload
 
@@ -15,9 +15,13 @@ from vmhive.config import Settings
 from vmhive.events import EventBus
 from vmhive.hypervisor.base import Driver
 from vmhive.jobs.runner import JobRunner
-from vmhive.services.errors import NotFound
+from vmhive.services.errors import Conflict, NotFound
 from vmhive.services.host import HostInfo
 from vmhive.store.models import Event, Vm, utcnow
+
+
+class NotOwned(Conflict):
+    """Another node owns the VM."""
 
 
 @dataclass
@@ -33,6 +37,24 @@ class ServiceContext:
     def here(self) -> ColumnElement[bool]:
         """Filter for the VMs this node owns: the only ones it may run or watch."""
         return Vm.node_id == self.node_id if self.node_id is not None else true()
+
+    async def claim(self, vm: Vm) -> None:
+        """The ownership check before any start: the VM must be this node's (a VM
+        without a node becomes this node's). In one statement, so two nodes can
+        never both pass it; with request relaying, only a stale node ever fails it."""
+        if self.node_id is None:
+            return
+        async with self.sessions() as session:
+            owned = await session.execute(
+                update(Vm)
+                .where(Vm.uuid == vm.uuid, or_(Vm.node_id == self.node_id, Vm.node_id.is_(None)))
+                .values(node_id=self.node_id)
+                .returning(Vm.id)
+            )
+            claimed = owned.one_or_none() is not None
+            await session.commit()
+        if not claimed:
+            raise NotOwned(f"VM {vm.name} belongs to another node: only that node may start it")
 
     async def find_vm(self, session: AsyncSession, name: str) -> Vm:
         vm = await _one_vm(session, Vm.name == name)

@@ -16,7 +16,7 @@ from sqlalchemy import select
 from vmhive.hypervisor.base import DriverError, ObservedState
 from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import cloudinit, specs
-from vmhive.services.context import ServiceContext
+from vmhive.services.context import NotOwned, ServiceContext
 from vmhive.services.errors import Conflict
 
 if TYPE_CHECKING:
@@ -122,6 +122,10 @@ class Lifecycle:
         vm = vm or await self.ctx.load_vm_by_uuid(vm_uuid)
         if vm is None:
             raise JobError("the VM no longer exists")
+        try:
+            await self.ctx.claim(vm)
+        except NotOwned as exc:
+            raise JobError(str(exc)) from None
         if vm.generation == 2 and vm.state != "creating":
             vars_file = specs.vm_dir(self.ctx.settings, vm) / specs.VARS_FILE
             if not vars_file.exists():

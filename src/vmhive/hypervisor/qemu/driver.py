@@ -39,6 +39,7 @@ from vmhive.hypervisor.qemu.process import (
     process_alive,
     tail,
 )
+from vmhive.hypervisor.qemu.process import fence as fence_process
 from vmhive.hypervisor.qemu.qmp import MonitorError, QmpMonitor
 from vmhive.hypervisor.qemu.serial import SerialConsole
 from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
@@ -743,6 +744,10 @@ class QemuDriver(Driver):
         except TimeoutError:
             return False
         return True
+
+    async def fence(self, runtime: RuntimePaths) -> str | None:
+        pid = await asyncio.to_thread(fence_process, runtime.run_dir)
+        return None if pid is None else f"killed its QEMU (PID {pid})"
 
     def console(self, vm_uuid: str) -> Console | None:
         vm = self._vms.get(vm_uuid)

@@ -199,3 +199,14 @@ def find_qemu_processes_under(root: Path) -> dict[int, list[str]]:
         if argv and "qemu" in Path(argv[0]).name and any(marker in a for a in argv):
             found[int(entry.name)] = argv
     return found
+
+
+def fence(run_dir: Path) -> int | None:
+    """Kill the QEMU recorded in `run_dir` if it still runs (SIGKILL: the guest
+    must not write one more block); its PID, or None if none ran."""
+    record = RuntimeRecord.load(run_dir)
+    if record is None or not is_our_process(record):
+        return None
+    with contextlib.suppress(ProcessLookupError):
+        os.kill(record.pid, signal.SIGKILL)
+    return record.pid
