@@ -5,9 +5,9 @@ BIN := $(VENV)/bin
 IMAGE_CACHE := $(CURDIR)/.cache/images
 STAMP := $(VENV)/.installed
 
-.PHONY: setup deps venv image run test lint unit functional bench golden lock clean
+.PHONY: setup deps venv image run test lint unit functional bench golden lock clean ui screenshots
 
-setup: deps venv image
+setup: deps venv ui image
 
 deps:
 	@scripts/install-deps.sh
@@ -24,6 +24,14 @@ $(STAMP): pyproject.toml requirements.lock
 
 lock: venv
 	$(BIN)/pip freeze --exclude-editable | grep -v '^vmhive' > requirements.lock
+
+# The web UI's pinned npm packages, copied into src/vmhive/web/static/vendor/.
+ui: deps
+	@scripts/build-ui.sh
+
+# PNGs of every page of the web UI (a real daemon running a tiny VM) for the README.
+screenshots: setup
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/python -m tests.e2e.screenshots docs/screenshots
 
 image: venv
 	@$(BIN)/python -m vmhive.guest.tiny $(IMAGE_CACHE)

@@ -29,6 +29,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         routes_nodes,
         routes_snapshots,
         routes_storage,
+        routes_ui,
         routes_uploads,
         routes_vms,
     )
@@ -66,6 +67,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(routes_jobs.router, prefix="/api")
     app.include_router(routes_metrics.router, prefix="/api")
     app.include_router(routes_metrics.root_router)
+    app.include_router(routes_ui.router)
     return app
 
 
