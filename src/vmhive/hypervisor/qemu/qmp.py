@@ -543,18 +543,26 @@ class QmpMonitor:
         """Plug or unplug the virtual cable of a NIC (the guest sees link up/down)."""
         await self._execute("set_link", {"name": device_id, "up": up})
 
-    async def blockdev_mirror(self, job_id: str, device: str, target: str) -> None:
+    async def blockdev_mirror(
+        self, job_id: str, device: str, target: str, *, speed: int | None = None
+    ) -> None:
         """Copy a whole disk (its backing chain flattened) to `target` while the guest
-        writes on; BLOCK_JOB_READY says the two are in sync from then on."""
-        await self._execute(
-            "blockdev-mirror",
-            {"job-id": job_id, "device": device, "target": target, "sync": "full"},
-        )
+        writes on; BLOCK_JOB_READY says the two are in sync from then on. `speed`
+        caps the copy in bytes/s."""
+        args: dict[str, object] = {"job-id": job_id, "device": device, "target": target}
+        args["sync"] = "full"
+        if speed:
+            args["speed"] = speed
+        await self._execute("blockdev-mirror", args)
 
-    async def block_job_cancel(self, job_id: str) -> None:
+    async def block_job_cancel(self, job_id: str, *, force: bool = False) -> None:
         """On a READY mirror: stop mirroring, leaving the target a point-in-time copy
-        (BLOCK_JOB_COMPLETED follows); before READY the copy is abandoned."""
-        await self._execute("block-job-cancel", {"device": job_id})
+        (BLOCK_JOB_COMPLETED follows); before READY the copy is abandoned. `force`
+        abandons a READY mirror at once, without its final synchronisation."""
+        args: dict[str, object] = {"device": job_id}
+        if force:
+            args["force"] = True
+        await self._execute("block-job-cancel", args)
 
     async def query_block_jobs(self) -> list[dict[str, Any]]:
         result = await self._execute("query-block-jobs")
@@ -602,6 +610,83 @@ class QmpMonitor:
     async def job_dismiss(self, job_id: str) -> None:
         """Forget a concluded job (snapshot jobs wait for this)."""
         await self._execute("job-dismiss", {"id": job_id})
+
+    # -- live migration (see hypervisor/qemu/migration) ----------------------
+
+    async def migrate_set_capabilities(self, capabilities: Mapping[str, bool]) -> None:
+        caps = [{"capability": name, "state": state} for name, state in capabilities.items()]
+        await self._execute("migrate-set-capabilities", {"capabilities": caps})
+
+    async def query_migrate_capabilities(self) -> dict[str, bool]:
+        result = await self._execute("query-migrate-capabilities")
+        caps = result if isinstance(result, list) else []
+        return {str(c["capability"]): bool(c["state"]) for c in caps if isinstance(c, dict)}
+
+    async def migrate_set_parameters(self, parameters: Mapping[str, object]) -> None:
+        await self._execute("migrate-set-parameters", parameters)
+
+    async def query_migrate_parameters(self) -> dict[str, Any]:
+        return _expect_dict(
+            "query-migrate-parameters", await self._execute("query-migrate-parameters")
+        )
+
+    async def migrate(self, uri: str) -> None:
+        """Start sending RAM and device state to a target listening on `uri`."""
+        await self._execute("migrate", {"uri": uri})
+
+    async def migrate_incoming(self, uri: str) -> None:
+        """On a QEMU started with ``-incoming defer``: listen for a migration on `uri`."""
+        await self._execute("migrate-incoming", {"uri": uri})
+
+    async def query_migrate(self) -> dict[str, Any]:
+        """Status and statistics of the current (or last) migration."""
+        return _expect_dict("query-migrate", await self._execute("query-migrate"))
+
+    async def migrate_cancel(self) -> None:
+        await self._execute("migrate_cancel")
+
+    async def migrate_continue(self, state: str) -> None:
+        """Leave a pause state (``pre-switchover``) of the pause-before-switchover capability."""
+        await self._execute("migrate-continue", {"state": state})
+
+    async def migrate_start_postcopy(self) -> None:
+        await self._execute("migrate-start-postcopy")
+
+    async def nbd_server_start(self, address: Mapping[str, object]) -> None:
+        """Start the NBD server on `address` (a legacy SocketAddress: ``{"type", "data"}``)."""
+        await self._execute("nbd-server-start", {"addr": address})
+
+    async def nbd_server_stop(self) -> None:
+        await self._execute("nbd-server-stop")
+
+    async def block_export_add(self, export_id: str, node_name: str, *, writable: bool) -> None:
+        """Export `node_name` over the running NBD server, under the name `export_id`."""
+        await self._execute(
+            "block-export-add",
+            {
+                "type": "nbd",
+                "id": export_id,
+                "node-name": node_name,
+                "name": export_id,
+                "writable": writable,
+            },
+        )
+
+    async def block_export_del(self, export_id: str, *, hard: bool = False) -> None:
+        """Remove an export; `hard` drops its client connections instead of refusing."""
+        await self._execute(
+            "block-export-del", {"id": export_id, "mode": "hard" if hard else "safe"}
+        )
+
+    async def query_named_block_nodes(self) -> list[dict[str, Any]]:
+        """Every block node, top-level or not (``flat``: no nested backing chains)."""
+        result = await self._execute("query-named-block-nodes", {"flat": True})
+        return [dict(node) for node in result] if isinstance(result, list) else []
+
+    async def query_blockstats(self) -> list[dict[str, Any]]:
+        """Each block device's cumulative I/O counters (bytes, operations)."""
+        result = await self._execute("query-blockstats")
+        return [dict(entry) for entry in result] if isinstance(result, list) else []
 
     async def quit(self) -> None:
         """Make QEMU exit.

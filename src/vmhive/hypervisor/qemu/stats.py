@@ -85,21 +85,12 @@ def tap_counters(name: str, tap: str, sys_net: Path = _SYS_NET) -> NicCounters |
     )
 
 
-async def query_blockstats(monitor: QmpMonitor) -> list[dict[str, Any]]:
-    # The one command sent past QmpMonitor's typed methods: it has no
-    # query_blockstats yet; this belongs there.
-    reply = await monitor._execute("query-blockstats")
-    if not isinstance(reply, list):
-        raise MonitorError(f"unexpected reply to 'query-blockstats': {reply!r:.200}")
-    return [dict(entry) for entry in reply if isinstance(entry, dict)]
-
-
 async def collect(spec: VmSpec, pid: int, monitor: QmpMonitor) -> VmStats | None:
     """The VM's counters now; None if QEMU went away meanwhile."""
     try:
         cpu = process_cpu_seconds(pid)
         rss = process_rss_bytes(pid)
-        disks = parse_blockstats(await query_blockstats(monitor))
+        disks = parse_blockstats(await monitor.query_blockstats())
     except (OSError, ValueError, MonitorError):
         return None
     nics: list[NicCounters] = []
