@@ -33,6 +33,7 @@ from vmhive.services.host import HostInfo, pinned_machines, qemu_version
 from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
+from vmhive.services.migrations import IncomingMigrations, MigrationService
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeService
 from vmhive.services.snapshot_schedules import ScheduleService
@@ -113,6 +114,8 @@ class Daemon:
         self.networks = NetworkService(self.ctx)
         self.lifecycle = Lifecycle(self.ctx, self.networks)
         self.vms = VmService(self.ctx, self.lifecycle, self.networks, self.nodes)
+        self.incoming = IncomingMigrations(self.ctx, self.networks, self.nodes)
+        self.migrations = MigrationService(self.ctx, self.networks, self.nodes, self.incoming)
         self.volumes = VolumeService(self.ctx)
         self.media = MediaService(self.ctx)
         self.images = ImageService(self.ctx)

@@ -6,6 +6,9 @@ cluster (each boot under TCG costs seconds)."""
 from __future__ import annotations
 
 import json
+import os
+import re
+import signal
 import sys
 import textwrap
 
@@ -157,3 +160,130 @@ def test_a_node_back_from_the_dead_fences_a_vm_moved_away(cluster: Cluster) -> N
     assert owner(n1, "f1") == "n2"
     n1.hive.cli("vm", "delete", "f1", "--force")
     assert not n2.hive.qemu_pids()
+
+
+def uptime(node: Node, vm: str) -> float:
+    return float(node.hive.run_in_guest(vm, "cat /proc/uptime").split()[-2])
+
+
+def last_tick(node: Node, vm: str) -> int:
+    ticks = [int(t) for t in re.findall(r"tick-(\d+)", node.hive.console_log(vm))]
+    return max(ticks) if ticks else -1
+
+
+def test_live_migration_moves_a_running_guest_and_back(cluster: Cluster) -> None:
+    """A guest printing a counter moves n1 -> n2 (asked through n3) with its disk
+    mirrored: the counter goes on without a reboot and its uptime keeps growing;
+    then back to n1."""
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    tiny(n1, "m1", "--node", "n1", "--start")
+    n1.hive.wait_ready("m1")
+    n1.hive.run_in_guest("m1", "echo kept > /root/before.txt; sync")
+    n1.hive.run_in_guest_nowait(
+        "m1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
+    )
+    wait_for(lambda: last_tick(n1, "m1") >= 3, 30, "the counter on n1")
+    before = uptime(n1, "m1")
+    job = n3.hive.cli("vm", "migrate", "m1", "--to", "n2", "-o", "json").json()
+    assert job["state"] == "succeeded" and job["result"]["node"] == "n2"
+    assert job["result"]["downtime_ms"] is not None
+    assert owner(n1, "m1") == "n2" and n1.hive.vm("m1")["state"] == "running"
+    assert len(n2.hive.qemu_pids()) == 1 and not n1.hive.qemu_pids()
+    seen = last_tick(n2, "m1")  # n2's serial log starts at the switchover
+    wait_for(lambda: last_tick(n2, "m1") >= seen + 3, 30, "the counter going on on n2")
+    log = n2.hive.console_log("m1")
+    assert "vmhive-guest-ready" not in log and "Linux version" not in log  # no reboot
+    assert uptime(n2, "m1") > before
+    assert "kept" in n2.hive.run_in_guest("m1", "cat /root/before.txt")
+    job = n1.hive.cli("vm", "migrate", "m1", "--to", "n1", "-o", "json").json()
+    assert job["state"] == "succeeded" and owner(n2, "m1") == "n1"
+    assert len(n1.hive.qemu_pids()) == 1 and not n2.hive.qemu_pids()
+    seen = last_tick(n1, "m1")
+    wait_for(lambda: last_tick(n1, "m1") > seen, 30, "the counter back on n1")
+
+
+def _leftovers(node: Node, vm_uuid: str) -> list[str]:
+    folder = node.hive.data_dir / "vms" / vm_uuid
+    return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
+
+
+def _copying(node: Node, job_id: str) -> bool:
+    """The job's log shows data moving (a progress line)."""
+    job = node.hive.cli("job", "show", job_id, "-o", "json").json()
+    return any("MiB" in line["message"] for line in job["log"])
+
+
+def test_a_cancelled_or_failed_migration_leaves_the_source_running(cluster: Cluster) -> None:
+    n1, n2 = cluster["n1"], cluster["n2"]
+    vm_uuid = n1.hive.vm("m1")["uuid"]
+    assert owner(n1, "m1") == "n1"
+    # Cancel: a bandwidth cap makes the copy slow enough to cancel mid-way.
+    job = n1.hive.cli("vm", "migrate", "m1", "--to", "n2", "--bandwidth", "1M",
+                      "--no-wait", "-o", "json").json()  # fmt: skip
+    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    n1.hive.cli("job", "cancel", job["id"])
+    done = n1.hive.cli("job", "wait", job["id"], "-o", "json", check=False)
+    assert n1.hive.cli("job", "show", job["id"], "-o", "json").json()["state"] == "cancelled", done
+    wait_for(lambda: not n2.hive.qemu_pids(), 30, "the target QEMU to go")
+    assert owner(n2, "m1") == "n1" and n1.hive.vm("m1")["state"] == "running"
+    assert _leftovers(n2, vm_uuid) == []
+    # The target QEMU dies mid-way.
+    job = n1.hive.cli("vm", "migrate", "m1", "--to", "n2", "--bandwidth", "1M",
+                      "--no-wait", "-o", "json").json()  # fmt: skip
+    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    for pid in n2.hive.qemu_pids():
+        os.kill(pid, signal.SIGKILL)
+    n1.hive.cli("job", "wait", job["id"], check=False)
+    failed = n1.hive.cli("job", "show", job["id"], "-o", "json").json()
+    assert failed["state"] == "failed" and "runs here as before" in failed["error"]
+    assert owner(n2, "m1") == "n1" and n1.hive.vm("m1")["state"] == "running"
+    wait_for(lambda: _leftovers(n2, vm_uuid) == [], 30, "n2 to remove the partial disk")
+    seen = last_tick(n1, "m1")
+    wait_for(lambda: last_tick(n1, "m1") > seen, 30, "the counter going on on n1")
+    n1.hive.cli("vm", "delete", "m1", "--force")
+
+
+def test_migrate_refuses_what_it_cannot_do(cluster: Cluster) -> None:
+    n1 = cluster["n1"]
+    tiny(n1, "r1", "--node", "n1")
+    cases = [
+        (("r1", "--to", "n2"), "is stopped: live migration moves a running VM"),
+        (("r1", "--to", "n1"), "on node n1 already"),
+        (("r1", "--to", "nowhere"), "no node named 'nowhere'"),
+        (("r1", "--to", "n2", "--downtime", "0"), "downtime limit must be"),
+        (("ghost", "--to", "n2"), "no VM named 'ghost'"),
+    ]
+    for args, message in cases:
+        result = n1.hive.cli("vm", "migrate", *args, check=False)
+        assert result.rc != 0 and message in result.err, (args, result.err)
+        assert len(result.err.strip().splitlines()) == 1
+    n1.hive.cli("node", "drain", "n2")
+    try:
+        n1.hive.cli("vm", "start", "r1")
+        drained = n1.hive.cli("vm", "migrate", "r1", "--to", "n2", check=False)
+        assert drained.rc != 0 and "node n2 cannot take VM r1: drained" in drained.err
+    finally:
+        n1.hive.cli("node", "undrain", "n2")
+    assert owner(n1, "r1") == "n1"
+    n1.hive.cli("vm", "delete", "r1", "--force")
+
+
+def test_drain_moves_every_running_vm_away(cluster: Cluster) -> None:
+    n1, n3 = cluster["n1"], cluster["n3"]
+    names = ("w1", "w2", "w3")
+    for name in names:
+        tiny(n1, name, "--node", "n3", "--start")
+    for name in names:
+        n1.hive.wait_ready(name)
+    assert len(n3.hive.qemu_pids()) == 3
+    n1.hive.cli("node", "drain", "n3")  # relayed to n3, which runs the job
+    try:
+        owners = {name: owner(n1, name) for name in names}
+        assert set(owners.values()) <= {"n1", "n2"}, owners
+        assert not n3.hive.qemu_pids()
+        assert all(n1.hive.vm(name)["state"] == "running" for name in names)
+        assert n1.hive.cli("node", "show", "n3", "-o", "json").json()["drained"]
+    finally:
+        n1.hive.cli("node", "undrain", "n3")
+    for name in names:
+        n1.hive.cli("vm", "delete", name, "--force")

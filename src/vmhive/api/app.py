@@ -25,6 +25,7 @@ def create_app(daemon: Daemon) -> FastAPI:
         routes_images,
         routes_jobs,
         routes_metrics,
+        routes_migrations,
         routes_networks,
         routes_nodes,
         routes_snapshots,
@@ -62,6 +63,7 @@ def create_app(daemon: Daemon) -> FastAPI:
     app.include_router(routes_storage.router, prefix="/api")
     app.include_router(routes_snapshots.router, prefix="/api")
     app.include_router(routes_consoles.router, prefix="/api")
+    app.include_router(routes_migrations.router, prefix="/api")
     app.include_router(routes_uploads.router, prefix="/api")
     app.include_router(routes_vms.router, prefix="/api")
     app.include_router(routes_jobs.router, prefix="/api")

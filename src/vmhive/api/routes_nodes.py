@@ -5,10 +5,11 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Request
-from fastapi.responses import Response
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, Field
 
-from vmhive.api.deps import daemon_of
+from vmhive.api.deps import daemon_of, job_response
+from vmhive.api.forward import forward_json
 from vmhive.services.placement import Demand
 
 router = APIRouter(tags=["nodes"])
@@ -39,9 +40,21 @@ async def show_node(request: Request, name: str) -> dict[str, Any]:
     return view.as_dict() | {"self": view.name == daemon.nodes.name}
 
 
-@router.post("/nodes/{name}/drain")
-async def drain(request: Request, name: str) -> dict[str, Any]:
-    return (await daemon_of(request).nodes.set_drained(name, True)).as_dict()
+@router.post("/nodes/{name}/drain", status_code=202)
+async def drain(request: Request, name: str, wait: bool = False) -> JSONResponse:
+    """A job on that node: no new VMs there, its running VMs live-migrated away."""
+    daemon = daemon_of(request)
+    if name != daemon.nodes.name:
+        view = await daemon.nodes.get(name)
+        if view.online:
+            node = await daemon.nodes.address_of(name)
+            params = {"wait": "true"} if wait else None
+            path = f"/api/nodes/{name}/drain"
+            return await forward_json(daemon, node, "POST", path, request.state.login, None, params)
+        # An offline node runs nothing to move: marking it is all there is to do.
+        await daemon.nodes.set_drained(name, True)
+        return JSONResponse(view.as_dict() | {"drained": True}, status_code=200)
+    return await job_response(daemon, await daemon.migrations.drain(), wait)
 
 
 @router.post("/nodes/{name}/undrain")

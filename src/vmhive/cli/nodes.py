@@ -8,7 +8,7 @@ from urllib.parse import quote
 import typer
 from rich.table import Table
 
-from vmhive.cli.common import Output, OutputOpt, api, human_size, out, print_json
+from vmhive.cli.common import Output, OutputOpt, WaitOpt, api, human_size, out, print_json, run_job
 
 node_app = typer.Typer(help="Nodes: the hosts of a cluster.", no_args_is_help=True)
 
@@ -58,10 +58,14 @@ def node_show(name: str, output: OutputOpt = Output.table) -> None:
 
 
 @node_app.command("drain")
-def node_drain(name: str) -> None:
-    """Admit no new VMs on a node."""
-    api().post(_path(name) + "/drain")
-    out.print(f"node {name} drained: no new VMs are placed there")
+def node_drain(name: str, wait: WaitOpt = True, output: OutputOpt = Output.table) -> None:
+    """Admit no new VMs on a node and live-migrate its running VMs away."""
+    client = api()
+    answer = client.post(_path(name) + "/drain")
+    if "kind" in answer:  # a job on that node
+        run_job(client, answer, output, wait)
+    if output == Output.table and (wait or "kind" not in answer):
+        out.print(f"node {name} drained: no new VMs are placed there, its running VMs moved")
 
 
 @node_app.command("undrain")

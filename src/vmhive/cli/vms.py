@@ -5,6 +5,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import quote
 
 import typer
 from rich.table import Table
@@ -314,6 +315,41 @@ def vm_template(name: str, wait: WaitOpt = True, output: OutputOpt = Output.tabl
     run_job(client, client.post(f"/vms/{name}/template"), output, wait)
     if wait and output == Output.table:
         out.print(f"{name} is now a template")
+
+
+@vm_app.command("migrate")
+def vm_migrate(
+    name: str,
+    to: Annotated[str, typer.Option("--to", help="the node to move it to")],
+    downtime: Annotated[int, typer.Option(help="longest pause at the switchover, in ms")] = 100,
+    bandwidth: Annotated[
+        str | None, typer.Option(help="cap for RAM and disk copy per second, e.g. 100M")
+    ] = None,
+    auto_converge: Annotated[
+        bool, typer.Option(help="slow a guest that dirties memory too fast")
+    ] = True,
+    multifd: Annotated[int, typer.Option(help="parallel RAM streams (0: one)")] = 0,
+    postcopy: Annotated[
+        bool, typer.Option(help="switch to post-copy if pre-copy does not converge")
+    ] = False,
+    wait: WaitOpt = True,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Live-migrate a running VM to another node (disks too, unless shared)."""
+    body = {
+        "to": to,
+        "downtime_limit_ms": downtime,
+        "bandwidth": size_arg(bandwidth) if bandwidth else None,
+        "auto_converge": auto_converge,
+        "multifd_channels": multifd,
+        "postcopy": postcopy,
+    }
+    client = api()
+    job = run_job(
+        client, client.post(f"/vms/{quote(name, safe='')}/migrate", json=body), output, wait
+    )
+    if wait and output == Output.table:
+        out.print(f"VM {name} runs on node {job.get('result', {}).get('node', to)}")
 
 
 @vm_app.command("clone")

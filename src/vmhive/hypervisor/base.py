@@ -13,6 +13,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
+from typing import Any
 
 from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
@@ -251,6 +252,25 @@ class Driver(ABC):
     @abstractmethod
     def console_log(self, runtime: RuntimePaths) -> bytes:
         """The captured serial output; kept after the VM stops, until it is deleted."""
+
+    async def block_node_sizes(self, vm_uuid: str) -> dict[str, int]:
+        raise DriverError("this driver cannot migrate VMs")
+
+    async def migrate_out(
+        self,
+        vm_uuid: str,
+        target: Any,
+        *,
+        storage: Any,
+        disks: Sequence[str],
+        settings: Any,
+        on_progress: Any = None,
+    ) -> Any:
+        """Move the running guest to `target` (see the QEMU driver)."""
+        raise DriverError("this driver cannot migrate VMs")
+
+    def cancel_migration(self, vm_uuid: str) -> bool:
+        return False
 
     async def fence(self, runtime: RuntimePaths) -> str | None:
         """Make sure no guest of a VM another node now owns runs here (this node

@@ -16,6 +16,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from vmhive.hypervisor.base import (
     AdoptResult,
@@ -29,6 +30,13 @@ from vmhive.hypervisor.base import (
 from vmhive.hypervisor.qemu import qga
 from vmhive.hypervisor.qemu import stats as qemu_stats
 from vmhive.hypervisor.qemu.argv import blockdev_nodes, build_argv
+from vmhive.hypervisor.qemu.migration import (
+    LiveMigration,
+    MigrationProgress,
+    MigrationSettings,
+    MigrationStats,
+    StorageMode,
+)
 from vmhive.hypervisor.qemu.process import (
     LaunchError,
     QemuProcess,
@@ -40,7 +48,7 @@ from vmhive.hypervisor.qemu.process import (
     tail,
 )
 from vmhive.hypervisor.qemu.process import fence as fence_process
-from vmhive.hypervisor.qemu.qmp import MonitorError, QmpMonitor
+from vmhive.hypervisor.qemu.qmp import MonitorError, QmpEvent, QmpMonitor
 from vmhive.hypervisor.qemu.serial import SerialConsole
 from vmhive.hypervisor.spec import NicSpec, RuntimePaths, VmSpec
 
@@ -110,6 +118,12 @@ class _Vm:
     pause: _PauseWindow | None = None
     # A guest agent holds the org.qemu.guest_agent.0 port open (VSERPORT_CHANGE).
     agent_connected: bool = False
+    # Live migration out: copies of its events for the engine; while it runs, the
+    # switchover's STOP is not a state to record; once done, the guest runs on
+    # another node and this QEMU's exit is not the VM's.
+    taps: list[asyncio.Queue[QmpEvent]] = field(default_factory=list)
+    migrating: bool = False
+    handed_over: bool = False
 
 
 class QemuDriver(Driver):
@@ -118,6 +132,7 @@ class QemuDriver(Driver):
     def __init__(self, *, serial_log_max_bytes: int = 1024 * 1024) -> None:
         super().__init__()
         self._vms: dict[str, _Vm] = {}
+        self._migrations: dict[str, LiveMigration] = {}
         self._serial_log_max = serial_log_max_bytes
 
     # -- start and adopt ----------------------------------------------------
@@ -285,7 +300,9 @@ class QemuDriver(Driver):
         await vm.serial.close()
         self._vms.pop(uuid, None)
         try:
-            if vm.shutdown_reason is not None:
+            if vm.handed_over:
+                pass  # the guest runs on another node: nothing to record here
+            elif vm.shutdown_reason is not None:
                 await self._report(uuid, ObservedState.STOPPED, vm.shutdown_reason)
             else:
                 reason = vm.process.exit_reason()
@@ -304,6 +321,10 @@ class QemuDriver(Driver):
                 event = await vm.monitor.next_event()
             except MonitorError:
                 return
+            for tap in vm.taps:
+                tap.put_nowait(event)
+            if vm.migrating and event.name in ("STOP", "RESUME"):
+                continue
             if event.name == "SHUTDOWN":
                 guest = bool(event.data.get("guest"))
                 cause = str(event.data.get("reason", ""))
@@ -749,6 +770,65 @@ class QemuDriver(Driver):
         pid = await asyncio.to_thread(fence_process, runtime.run_dir)
         return None if pid is None else f"killed its QEMU (PID {pid})"
 
+    # -- live migration out ----------------------------------------------------
+
+    async def block_node_sizes(self, vm_uuid: str) -> dict[str, int]:
+        """Each block node's virtual size, as the running QEMU sees it."""
+        nodes = await self._get(vm_uuid).monitor.query_named_block_nodes()
+        return {
+            str(n.get("node-name")): int((n.get("image") or {}).get("virtual-size", 0))
+            for n in nodes
+        }
+
+    async def migrate_out(
+        self,
+        vm_uuid: str,
+        target: Any,
+        *,
+        storage: StorageMode,
+        disks: Sequence[str],
+        settings: MigrationSettings,
+        on_progress: Callable[[MigrationProgress], None] | None = None,
+    ) -> MigrationStats:
+        """Move the running guest to `target` (a MigrationTarget, or one on another
+        node behind the same interface). On success this QEMU is gone, silently: the
+        VM is the target's now. On failure the guest runs here as before."""
+        vm = self._get(vm_uuid)
+        feed = _EventFeed()
+        vm.taps.append(feed.queue)
+        engine = LiveMigration(
+            vm.monitor,
+            target,
+            storage=storage,
+            disks=disks,
+            settings=settings,
+            on_progress=on_progress,
+            source_events=feed,
+        )
+        self._migrations[vm_uuid] = engine
+        vm.migrating = True
+        try:
+            stats = await engine.run()
+        finally:
+            vm.migrating = False
+            vm.taps.remove(feed.queue)
+            self._migrations.pop(vm_uuid, None)
+        vm.handed_over = True
+        vm.shutdown_reason = "migrated to another node"
+        with contextlib.suppress(MonitorError, TimeoutError):
+            await asyncio.wait_for(vm.monitor.quit(), 3)
+        if not await vm.process.wait(KILL_DEADLINE):
+            vm.process.send_signal(signal.SIGKILL)
+        await asyncio.wait_for(vm.stopped.wait(), KILL_DEADLINE)
+        return stats
+
+    def cancel_migration(self, vm_uuid: str) -> bool:
+        engine = self._migrations.get(vm_uuid)
+        if engine is None:
+            return False
+        engine.cancel()
+        return True
+
     def console(self, vm_uuid: str) -> Console | None:
         vm = self._vms.get(vm_uuid)
         return vm.serial if vm else None
@@ -778,6 +858,17 @@ class QemuDriver(Driver):
         if vm_uuid in self._vms:
             raise DriverError("cannot clean up a running VM")
         shutil.rmtree(runtime.run_dir, ignore_errors=True)
+
+
+class _EventFeed:
+    """The engine's copy of a migrating VM's events (the driver is the monitor's
+    one reader)."""
+
+    def __init__(self) -> None:
+        self.queue: asyncio.Queue[QmpEvent] = asyncio.Queue()
+
+    async def next_event(self, timeout: float | None = None) -> QmpEvent:
+        return await asyncio.wait_for(self.queue.get(), timeout)
 
 
 async def _first_set(events: Sequence[asyncio.Event], timeout: float) -> None:

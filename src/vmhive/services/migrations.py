@@ -1,0 +1,581 @@
+"""Live migration of a running VM to another node (`vmhive vm migrate VM --to NODE`).
+
+The owning node (the source) runs the job and the engine
+(`hypervisor/qemu/migration`); the target node runs the incoming QEMU and is
+driven over its internal API (`/api/internal/migrations`, cluster secret
+only) through `RemoteTarget`, which offers the engine the same interface as a
+local `MigrationTarget`. The sequence:
+
+1. Source: checks (running, target online and not drained, room there), then
+   asks the target to *prepare*: it writes the VM's cloud-init seed, plugs its
+   TAPs, creates empty disk files (local storage) and starts QEMU waiting for
+   the incoming state on TCP at its node address; it answers with the
+   migration and NBD endpoints.
+2. Source: the engine mirrors the disks over NBD, moves RAM and device state,
+   switches over and `cont`s the target.
+3. Source: asks the target to *commit*: it records the QEMU as the VM's
+   (runtime record, driver adoption, serial console), makes the VM its own in
+   the database (owner, disk paths) and the source's QEMU quits silently; the
+   source removes its now unused TAPs and local disk files.
+
+Any failure before the switchover rolls back (the engine aborts the target:
+QEMU, disks, TAPs gone) and the guest runs on the source as before. A target
+that is never committed aborts itself after the migration's deadline.
+
+Storage: a disk inside this node's data directory is local and is mirrored;
+a VM whose disks all live elsewhere (a pool mounted at the same path on every
+node) and that has no UEFI variables (gen 1) moves only its RAM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import shutil
+import socket
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, cast
+
+import httpx
+from sqlalchemy import select, update
+
+from vmhive.hypervisor.qemu.argv import build_argv
+from vmhive.hypervisor.qemu.migration import (
+    Endpoint,
+    MigrationError,
+    MigrationProgress,
+    MigrationSettings,
+    MigrationTarget,
+    NewDisk,
+    StorageMode,
+    incoming_argv,
+)
+from vmhive.hypervisor.qemu.process import RuntimeRecord, host_boot_id
+from vmhive.hypervisor.qemu.qmp import MonitorTimeout, QmpCommandError, QmpEvent, RunStatus
+from vmhive.jobs.runner import JobContext, JobError
+from vmhive.services import cloudinit, specs
+from vmhive.services.context import ServiceContext
+from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.services.networks import NetworkService
+from vmhive.services.nodes import NodeAddress, NodeService
+from vmhive.services.placement import Demand, refusal
+from vmhive.store.models import Disk, Event, Vm
+
+log = logging.getLogger(__name__)
+
+INTERNAL = "/api/internal/migrations"
+POLL = 0.5  # seconds between checks that the target QEMU still lives
+EXTS = {"qcow2": "qcow2", "raw": "img"}
+
+
+def _free_port(host: str) -> int:
+    with socket.socket() as s:
+        s.bind((host, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+# -- the target node ------------------------------------------------------------
+
+
+class TcpMigrationTarget(MigrationTarget):
+    """A MigrationTarget listening on this node's address instead of unix sockets."""
+
+    host = ""
+    ports = (0, 0)
+
+    @property
+    def migration_endpoint(self) -> Endpoint:
+        return Endpoint.tcp(self.host, self.ports[0])
+
+    @property
+    def nbd_endpoint(self) -> Endpoint:
+        return Endpoint.tcp(self.host, self.ports[1])
+
+
+@dataclass
+class _Incoming:
+    vm: Vm
+    target: TcpMigrationTarget
+    disk_paths: dict[int, str]  # disk index -> its new path here (local storage)
+    expiry: asyncio.Task[None] | None = None
+
+
+class IncomingMigrations:
+    """What the target node keeps of the migrations coming to it."""
+
+    def __init__(self, ctx: ServiceContext, networks: NetworkService, nodes: NodeService) -> None:
+        self.ctx = ctx
+        self.networks = networks
+        self.nodes = nodes
+        self._open: dict[str, _Incoming] = {}
+        self._aborted: set[str] = set()  # aborts of migrations not (yet) open
+
+    def _get(self, migration_id: str) -> _Incoming:
+        found = self._open.get(migration_id)
+        if found is None:
+            raise NotFound(f"no incoming migration {migration_id}")
+        return found
+
+    async def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
+        """Start the incoming QEMU. `id` is the source's: an abort that arrives while
+        this still runs (the source gave up waiting) is honoured when it ends."""
+        migration_id = str(body.get("id", ""))
+        if not migration_id or migration_id in self._open:
+            raise InvalidRequest("a new migration needs an id of its own")
+        answer = await self._prepare(migration_id, body)
+        if migration_id in self._aborted:
+            await self.abort(migration_id)
+            raise Conflict("the migration was aborted while its target started")
+        return answer
+
+    async def _prepare(self, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
+        settings = self.ctx.settings
+        vm = await self.ctx.load_vm_by_uuid(str(body.get("vm_uuid", "")))
+        if vm is None:
+            raise NotFound("no such VM")
+        if vm.node_id == self.ctx.node_id:
+            raise Conflict(f"VM {vm.name} is on this node already")
+        for cd in vm.cdroms:
+            if cd.iso and not Path(cd.iso).exists():
+                raise Conflict(f"{cd.iso} is not on node {self.nodes.name}: eject it first")
+        storage = StorageMode(body["storage"])
+        folder = specs.vm_dir(settings, vm)
+        folder.mkdir(parents=True, exist_ok=True)
+        new_disks: list[NewDisk] = []
+        paths: dict[int, str] = {}
+        for entry in body.get("disks", []):
+            node, fmt, size = str(entry["node"]), str(entry["format"]), int(entry["size"])
+            if node == "fw-vars":
+                path = folder / specs.VARS_FILE
+            elif node.startswith("disk") and node[4:].isdigit():
+                index = int(node[4:])
+                path = folder / f"migrated-disk{index}.{EXTS.get(fmt, fmt)}"
+                paths[index] = str(path)
+            else:
+                raise InvalidRequest(f"unknown block node {node!r}")
+            new_disks.append(NewDisk(node=node, path=path, format=fmt, size=size))
+        for disk in vm.disks:  # the spec is built with the new paths (not stored yet)
+            if disk.index in paths:
+                disk.path = paths[disk.index]
+        if vm.cloudinit:
+            await cloudinit.write_seed(settings, vm)
+        spec = specs.build_spec(settings, vm, self.ctx.host.accel.accel)
+        host = (settings.node_address or settings.listen).rpartition(":")[0].strip("[]")
+        await self.networks.plug(vm)
+        try:
+            target = cast(
+                TcpMigrationTarget, await TcpMigrationTarget.launch(spec, new_disks=new_disks)
+            )
+        except MigrationError as exc:
+            await self.networks.unplug(vm.uuid)
+            raise Conflict(f"node {self.nodes.name} cannot start the VM: {exc}") from None
+        target.host = host
+        target.ports = (_free_port(host), _free_port(host))
+        migration_id = str(body["id"])
+        incoming = _Incoming(vm, target, paths)
+        self._open[migration_id] = incoming
+        deadline = float(body.get("deadline_s", 3600)) + 120
+        incoming.expiry = asyncio.create_task(self._expire(migration_id, deadline))
+        log.info("incoming migration %s of VM %s (%s storage)", migration_id, vm.name, storage)
+        return {
+            "id": migration_id,
+            "migration": {"host": host, "port": target.ports[0]},
+            "nbd": {"host": host, "port": target.ports[1]},
+        }
+
+    async def _expire(self, migration_id: str, after: float) -> None:
+        await asyncio.sleep(after)
+        if migration_id in self._open:
+            log.warning("incoming migration %s was never committed: aborting it", migration_id)
+            await self.abort(migration_id)
+
+    async def op(self, migration_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
+        target = self._get(migration_id).target
+        monitor = target.monitor
+        if name == "listen":
+            await target.listen(MigrationSettings(**args["settings"]))
+        elif name == "export":
+            await target.export_disks([str(n) for n in args["nodes"]])
+        elif name == "stop-exports":
+            await target.stop_exports()
+        elif name == "query-migrate":
+            return {"reply": await monitor.query_migrate()}
+        elif name == "query-status":
+            status = await monitor.query_status()
+            return {"status": status.status, "running": status.running}
+        elif name == "cont":
+            try:
+                await monitor.cont()
+            except QmpCommandError as exc:
+                return {"refused": str(exc)}
+        elif name == "wait-event":
+            try:
+                event = await monitor.wait_event(str(args["name"]), float(args["timeout"]))
+            except MonitorTimeout:
+                return {"timeout": True}
+            return {"name": event.name, "data": event.data, "timestamp": event.timestamp}
+        elif name == "status":
+            exited = target.process.exited.is_set()
+            return {"exited": exited, "reason": target.process.exit_reason() if exited else ""}
+        else:
+            raise InvalidRequest(f"unknown migration operation {name!r}")
+        return {}
+
+    async def commit(self, migration_id: str) -> dict[str, Any]:
+        """The guest runs here now: make the QEMU and the VM this node's."""
+        incoming = self._open.pop(migration_id, None)
+        if incoming is None:
+            raise NotFound(f"no incoming migration {migration_id}")
+        if incoming.expiry is not None:
+            incoming.expiry.cancel()
+        target, vm = incoming.target, incoming.vm
+        target.commit()
+        spec = target.spec
+        RuntimeRecord(
+            vm_uuid=vm.uuid,
+            pid=target.process.pid,
+            argv=build_argv(spec) + incoming_argv(),
+            boot_id=host_boot_id(),
+            started_at=time.time(),
+            accel=spec.accel.value,
+        ).save(spec.runtime.run_dir)
+        await target.close()
+        async with self.ctx.sessions() as session:
+            await session.execute(
+                update(Vm)
+                .where(Vm.uuid == vm.uuid)
+                .values(node_id=self.ctx.node_id, pid=target.process.pid, accel=spec.accel.value)
+            )
+            for index, path in incoming.disk_paths.items():
+                await session.execute(
+                    update(Disk)
+                    .where(Disk.vm_id == vm.id, Disk.index == index)
+                    .values(path=path, source="copy", base_disk_id=None, image=None)
+                )
+            message = f"{vm.name}: migrated in to node {self.nodes.name}"
+            session.add(Event(vm_uuid=vm.uuid, kind="migrate", message=message))
+            await session.commit()
+        adopted = await self.ctx.driver.adopt(spec)
+        await self.ctx.record_state(vm.uuid, adopted.state.value, "migrated in", desired="running")
+        return {"pid": target.process.pid, "node": self.nodes.name}
+
+    async def abort(self, migration_id: str) -> None:
+        incoming = self._open.pop(migration_id, None)
+        if incoming is None:
+            self._aborted.add(migration_id)
+            return
+        if incoming.expiry is not None and incoming.expiry is not asyncio.current_task():
+            incoming.expiry.cancel()
+        await incoming.target.abort()
+        await self.networks.unplug(incoming.vm.uuid)
+
+
+# -- the source node: the target on another node, as the engine sees it --------
+
+
+class _RemoteProcess:
+    def __init__(self) -> None:
+        self.exited = asyncio.Event()
+        self.reason = ""
+
+    def exit_reason(self) -> str:
+        return self.reason or "the target node reported it gone"
+
+
+class _RemoteMonitor:
+    def __init__(self, target: RemoteTarget) -> None:
+        self.target = target
+
+    async def query_migrate(self) -> dict[str, Any]:
+        reply: dict[str, Any] = (await self.target.call("query-migrate"))["reply"]
+        return reply
+
+    async def query_status(self) -> RunStatus:
+        answer = await self.target.call("query-status")
+        return RunStatus(status=answer["status"], running=answer["running"])
+
+    async def cont(self) -> None:
+        answer = await self.target.call("cont")
+        if "refused" in answer:
+            raise QmpCommandError("cont", "GenericError", answer["refused"])
+
+    async def wait_event(self, name: str, timeout: float) -> QmpEvent:
+        answer = await self.target.call(
+            "wait-event", {"name": name, "timeout": timeout}, timeout=timeout + 10
+        )
+        if answer.get("timeout"):
+            raise MonitorTimeout(f"no {name} event from the target within {timeout:.0f} s")
+        return QmpEvent(answer["name"], answer["data"], answer["timestamp"])
+
+
+class RemoteTarget:
+    """The incoming QEMU on another node, behind a local MigrationTarget's interface."""
+
+    def __init__(self, client: httpx.AsyncClient, base: str, answer: dict[str, Any]) -> None:
+        self.client = client
+        self.url = f"{base}{INTERNAL}/{answer['id']}"
+        self.migration_endpoint = Endpoint.tcp(
+            answer["migration"]["host"], answer["migration"]["port"]
+        )
+        self.nbd_endpoint = Endpoint.tcp(answer["nbd"]["host"], answer["nbd"]["port"])
+        self.monitor = _RemoteMonitor(self)
+        self.process = _RemoteProcess()
+        self.committed = False
+        self._watch = asyncio.create_task(self._watch_exit())
+
+    async def call(
+        self, op: str, args: dict[str, Any] | None = None, timeout: float = 60
+    ) -> dict[str, Any]:
+        try:
+            response = await self.client.post(f"{self.url}/{op}", json=args or {}, timeout=timeout)
+        except httpx.HTTPError as exc:
+            raise MigrationError(f"the target node did not answer: {exc}") from exc
+        if response.status_code >= 400:
+            raise MigrationError(f"the target node refused {op}: {_detail(response)}")
+        answer: dict[str, Any] = response.json()
+        return answer
+
+    async def _watch_exit(self) -> None:
+        failures = 0
+        while not self.process.exited.is_set():
+            await asyncio.sleep(POLL)
+            try:
+                status = await self.call("status", timeout=10)
+            except MigrationError as exc:
+                failures += 1
+                if failures >= 6:  # 3 s without an answer: as good as gone
+                    self.process.reason = str(exc)
+                    self.process.exited.set()
+                continue
+            failures = 0
+            if status["exited"]:
+                self.process.reason = status["reason"]
+                self.process.exited.set()
+
+    async def listen(self, settings: MigrationSettings) -> None:
+        await self.call("listen", {"settings": asdict(settings)})
+
+    async def export_disks(self, nodes: list[str]) -> None:
+        await self.call("export", {"nodes": list(nodes)})
+
+    async def stop_exports(self) -> None:
+        await self.call("stop-exports")
+
+    def commit(self) -> None:
+        self.committed = True
+
+    async def abort(self) -> None:
+        self._watch.cancel()
+        with contextlib.suppress(httpx.HTTPError):
+            await self.client.delete(self.url, timeout=60)
+
+    async def close(self) -> None:
+        self._watch.cancel()
+
+
+def _detail(response: httpx.Response) -> str:
+    try:
+        return str(response.json().get("detail", response.text))
+    except ValueError:
+        return response.text.strip()[:200]
+
+
+class MigrationService:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        networks: NetworkService,
+        nodes: NodeService,
+        incoming: IncomingMigrations,
+    ) -> None:
+        self.ctx = ctx
+        self.networks = networks
+        self.nodes = nodes
+        self.incoming = incoming
+
+    def storage_of(self, vm: Vm) -> StorageMode:
+        data_dir = self.ctx.settings.data_dir.resolve()
+        local = [d for d in vm.disks if Path(d.path).resolve().is_relative_to(data_dir)]
+        if local or vm.generation == 2:
+            return StorageMode.LOCAL
+        return StorageMode.SHARED
+
+    async def migrate(self, name: str, to: str, settings: MigrationSettings) -> str:
+        vm = await self.ctx.load_vm(name)
+        if to == self.nodes.name:
+            raise Conflict(f"VM {name} is on node {to} already")
+        view = await self.nodes.get(to)
+        if any(d.volume_id is not None for d in vm.disks):
+            raise Conflict(f"VM {name} has pool volumes attached, which cannot migrate yet")
+        if vm.state != "running" or not self.ctx.driver.is_running(vm.uuid):
+            raise Conflict(f"VM {name} is {vm.state}: live migration moves a running VM")
+        why = refusal(Demand(vm.vcpus, vm.memory_mib), view.candidate())
+        if why is not None:
+            raise Conflict(f"node {to} cannot take VM {name}: {why}")
+        address = await self.nodes.address_of(to)
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            return await self._run(ctx, vm, address, settings)
+
+        return await self.ctx.runner.submit(
+            "vm.migrate",
+            f"vm:{vm.uuid}",
+            job,
+            params={"name": name, "to": to},
+            cancellable=True,
+        )
+
+    async def _run(
+        self, ctx: JobContext, vm: Vm, node: NodeAddress, settings: MigrationSettings
+    ) -> dict[str, Any]:
+        driver = self.ctx.driver
+        storage = self.storage_of(vm)
+        disks: list[dict[str, Any]] = []
+        if storage is StorageMode.LOCAL:
+            sizes = await driver.block_node_sizes(vm.uuid)
+            for disk in vm.disks:
+                disks.append({"node": f"disk{disk.index}", "format": disk.format,
+                              "size": sizes[f"disk{disk.index}"]})  # fmt: skip
+            if vm.generation == 2:
+                disks.append({"node": "fw-vars", "format": "raw", "size": sizes["fw-vars"]})
+        await ctx.log(f"migrating to node {node.name} ({storage} storage)")
+        headers = {
+            "authorization": f"Bearer {self.nodes.secret}",
+            "x-vmhive-user": "node",
+            "x-vmhive-forwarded-by": self.nodes.name,
+        }
+        base = f"http://{node.address}"
+        failed = f"migration failed, {vm.name} runs here as before"
+        migration_id = secrets.token_hex(8)
+        async with httpx.AsyncClient(headers=headers, timeout=60) as client:
+
+            async def abandon() -> None:  # the target may be starting: it aborts at the end
+                with contextlib.suppress(httpx.HTTPError):
+                    await client.delete(f"{base}{INTERNAL}/{migration_id}")
+
+            body = {"id": migration_id, "vm_uuid": vm.uuid, "storage": storage.value,
+                    "disks": disks, "deadline_s": settings.deadline_s}  # fmt: skip
+            try:
+                response = await client.post(base + INTERNAL, json=body, timeout=120)
+            except httpx.HTTPError as exc:
+                await abandon()
+                raise JobError(f"{failed}: node {node.name} did not answer: {exc}") from None
+            except asyncio.CancelledError:
+                await asyncio.shield(abandon())
+                raise
+            if response.status_code >= 400:
+                raise JobError(f"{failed}: node {node.name} refused: {_detail(response)}")
+            target = RemoteTarget(client, base, response.json())
+            last = [0.0]
+
+            def progress(p: MigrationProgress) -> None:
+                now = time.monotonic()
+                if now - last[0] < 1.0:
+                    return
+                last[0] = now
+                done = 100 * p.transferred / p.total if p.total else 0
+                line = f"{p.phase}: {p.transferred >> 20}/{p.total >> 20} MiB of RAM sent"
+                if p.mirrors:
+                    copied = sum(m.copied for m in p.mirrors) >> 20
+                    line += f", disks {copied}/{sum(m.total for m in p.mirrors) >> 20} MiB"
+                line += f", dirty rate {p.dirty_rate >> 10} KiB/s, pass {p.passes}"
+                if p.expected_downtime_ms is not None:
+                    line += f", expected downtime {p.expected_downtime_ms} ms"
+                _background(ctx.progress(min(99, int(done))))
+                _background(ctx.log(line))
+
+            try:
+                stats = await driver.migrate_out(
+                    vm.uuid,
+                    target,
+                    storage=storage,
+                    disks=[d["node"] for d in disks],
+                    settings=settings,
+                    on_progress=progress,
+                )
+            except MigrationError as exc:
+                await target.abort()
+                raise JobError(f"{failed}: {exc}") from None
+            except asyncio.CancelledError:
+                await target.abort()
+                raise
+            finally:
+                await target.close()
+            committed = await client.post(f"{target.url}/commit", timeout=120)
+            if committed.status_code >= 400:
+                raise JobError(f"node {node.name} could not take the VM over: {_detail(committed)}")
+        ctx.commit()
+        await self.networks.unplug(vm.uuid)
+        await self.ctx.driver.cleanup(vm.uuid, specs.runtime_paths(self.ctx.settings, vm.uuid))
+        if storage is StorageMode.LOCAL:
+            folder = specs.vm_dir(self.ctx.settings, vm)
+            await asyncio.to_thread(shutil.rmtree, folder, True)
+        downtime = "?" if stats.downtime_ms is None else f"{stats.downtime_ms} ms"
+        await ctx.log(
+            f"{vm.name} runs on node {node.name}: {stats.total_time_ms} ms in all, "
+            f"downtime {downtime}, {stats.transferred >> 20} MiB sent in {stats.passes} passes"
+        )
+        return {"node": node.name, **asdict(stats)}
+
+    async def drain(self) -> str:
+        """This node admits no new VM, and its running VMs are live-migrated away,
+        one at a time, each to the node placement picks for it. Stopped VMs stay
+        (their disks are here); the job fails naming any VM that could not move."""
+        await self.nodes.set_drained(self.nodes.name, True)
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async with self.ctx.sessions() as session:
+                running = list(
+                    await session.scalars(
+                        select(Vm).where(self.ctx.here(), Vm.state == "running").order_by(Vm.name)
+                    )
+                )
+            moved: dict[str, str] = {}
+            stayed: list[str] = []
+            for n, vm in enumerate(running):
+                demand = Demand(vm.vcpus, vm.memory_mib, affinity_group=vm.affinity_group)
+                verdict = await self.nodes.place(demand)
+                if verdict.node is None:
+                    stayed.append(f"{vm.name} ({verdict.explain()})")
+                    continue
+                await ctx.log(f"moving {vm.name} to {verdict.node}")
+                try:
+                    job_id = await self.migrate(vm.name, verdict.node, MigrationSettings())
+                except Conflict as exc:
+                    stayed.append(f"{vm.name} ({exc})")
+                    continue
+                await self.ctx.runner.wait(job_id)
+                result = await self.ctx.runner.get(job_id)
+                if result.state == "succeeded":
+                    moved[vm.name] = verdict.node
+                else:
+                    stayed.append(f"{vm.name} ({result.error})")
+                await ctx.progress(100 * (n + 1) // len(running))
+            if stayed:
+                raise JobError(
+                    f"node {self.nodes.name} is drained, but VMs stay: {'; '.join(stayed)}"
+                )
+            await ctx.log(f"node {self.nodes.name} is drained: {len(moved)} VMs moved")
+            return {"moved": moved}
+
+        return await self.ctx.runner.submit(
+            "node.drain", f"node:{self.nodes.name}", job, params={"node": self.nodes.name}
+        )
+
+    async def cancel(self, name: str) -> bool:
+        vm = await self.ctx.load_vm(name)
+        return self.ctx.driver.cancel_migration(vm.uuid)
+
+
+_tasks: set[asyncio.Task[Any]] = set()
+
+
+def _background(coro: Any) -> None:
+    task = asyncio.ensure_future(coro)
+    _tasks.add(task)
+    task.add_done_callback(_tasks.discard)
