@@ -128,7 +128,13 @@ class Daemon:
         if settings.default_network:
             await self.networks.ensure_default()
         self.agent = Agent(
-            self.ctx, self.vms, self.lifecycle, self.volumes, self.images, self.networks
+            self.ctx,
+            self.vms,
+            self.lifecycle,
+            self.volumes,
+            self.images,
+            self.networks,
+            self.migrations,
         )
         await self.agent.recover()
         await self.snapshots.recover()

@@ -287,3 +287,32 @@ def test_drain_moves_every_running_vm_away(cluster: Cluster) -> None:
         n1.hive.cli("node", "undrain", "n3")
     for name in names:
         n1.hive.cli("vm", "delete", name, "--force")
+
+
+def test_killing_the_source_daemon_mid_migration_rolls_it_back(cluster: Cluster) -> None:
+    """kill -9 of the daemon driving a migration: at its restart the migration is
+    rolled back (the target had not run the guest): the guest runs on the source
+    only, and the target is left with nothing."""
+    n1, n2 = cluster["n1"], cluster["n2"]
+    tiny(n1, "k1", "--node", "n1", "--start")
+    n1.hive.wait_ready("k1")
+    vm_uuid = n1.hive.vm("k1")["uuid"]
+    n1.hive.run_in_guest_nowait(
+        "k1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
+    )
+    job = n1.hive.cli("vm", "migrate", "k1", "--to", "n2", "--bandwidth", "1M",
+                      "--no-wait", "-o", "json").json()  # fmt: skip
+    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    n1.hive.kill_daemon()
+    n1.hive.start()
+    assert "migration of k1 to n2 rolled back" in n1.hive.daemon_log()
+    assert n1.hive.cli("job", "show", job["id"], "-o", "json").json()["state"] == "failed"
+    assert owner(n2, "k1") == "n1" and n1.hive.vm("k1")["state"] == "running"
+    assert len(n1.hive.qemu_pids()) == 1
+    wait_for(lambda: not n2.hive.qemu_pids(), 30, "the target QEMU to go")
+    assert _leftovers(n2, vm_uuid) == []
+    seen = last_tick(n1, "k1")
+    wait_for(lambda: last_tick(n1, "k1") > seen, 30, "the counter going on on n1")
+    job = n1.hive.cli("vm", "migrate", "k1", "--to", "n2", "-o", "json").json()  # still movable
+    assert job["state"] == "succeeded" and owner(n1, "k1") == "n2"
+    n1.hive.cli("vm", "delete", "k1", "--force")

@@ -22,6 +22,7 @@ from vmhive.services import specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
+from vmhive.services.migrations import MigrationService
 from vmhive.services.networks import NetworkService
 from vmhive.services.vms import VmService
 from vmhive.services.volumes import VolumeService
@@ -41,8 +42,10 @@ class Agent:
         volumes: VolumeService,
         images: ImageService,
         networks: NetworkService,
+        migrations: MigrationService | None = None,
     ) -> None:
         self.ctx = ctx
+        self.migrations = migrations
         self.vms = vms
         self.volumes = volumes
         self.images = images
@@ -65,8 +68,12 @@ class Agent:
             await self.networks.unplug(vm_uuid)
 
     async def recover(self) -> None:
+        rolled_back: list[str] = []
         for job in await self.ctx.runner.recover():
             log.warning("job %s (%s) was interrupted by a daemon stop", job.id, job.kind)
+            if job.kind == "vm.migrate" and self.migrations is not None:
+                vm_uuid = await self.migrations.settle(job)
+                rolled_back += [vm_uuid] if vm_uuid else []
             await self._undo_interrupted(job.kind, job.target or "")
         await asyncio.to_thread(self._sweep_partial_files)
         async with self.ctx.sessions() as session:
@@ -80,6 +87,9 @@ class Agent:
                 await self.vms.finish_delete(vm.uuid)
             else:
                 await self._adopt(vm)
+        for vm_uuid in rolled_back:
+            if self.migrations is not None:
+                await self.migrations.undo(vm_uuid)
         await self._fence_moved_away()
         self._report_unowned()
 

@@ -272,6 +272,9 @@ class Driver(ABC):
     def cancel_migration(self, vm_uuid: str) -> bool:
         return False
 
+    async def abandon_migration(self, vm_uuid: str) -> str:
+        raise DriverError("this driver cannot migrate VMs")
+
     async def fence(self, runtime: RuntimePaths) -> str | None:
         """Make sure no guest of a VM another node now owns runs here (this node
         was thought dead and the VM moved away). What it did, or None."""

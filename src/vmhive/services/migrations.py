@@ -63,7 +63,7 @@ from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeAddress, NodeService
 from vmhive.services.placement import Demand, refusal
-from vmhive.store.models import Disk, Event, Vm
+from vmhive.store.models import Disk, Event, Job, Vm
 
 log = logging.getLogger(__name__)
 
@@ -418,20 +418,26 @@ class MigrationService:
         if why is not None:
             raise Conflict(f"node {to} cannot take VM {name}: {why}")
         address = await self.nodes.address_of(to)
+        migration_id = secrets.token_hex(8)  # in the job's params, for recovery
 
         async def job(ctx: JobContext) -> dict[str, Any]:
-            return await self._run(ctx, vm, address, settings)
+            return await self._run(ctx, vm, address, settings, migration_id)
 
         return await self.ctx.runner.submit(
             "vm.migrate",
             f"vm:{vm.uuid}",
             job,
-            params={"name": name, "to": to},
+            params={"name": name, "to": to, "migration_id": migration_id},
             cancellable=True,
         )
 
     async def _run(
-        self, ctx: JobContext, vm: Vm, node: NodeAddress, settings: MigrationSettings
+        self,
+        ctx: JobContext,
+        vm: Vm,
+        node: NodeAddress,
+        settings: MigrationSettings,
+        migration_id: str,
     ) -> dict[str, Any]:
         driver = self.ctx.driver
         storage = self.storage_of(vm)
@@ -444,14 +450,9 @@ class MigrationService:
             if vm.generation == 2:
                 disks.append({"node": "fw-vars", "format": "raw", "size": sizes["fw-vars"]})
         await ctx.log(f"migrating to node {node.name} ({storage} storage)")
-        headers = {
-            "authorization": f"Bearer {self.nodes.secret}",
-            "x-vmhive-user": "node",
-            "x-vmhive-forwarded-by": self.nodes.name,
-        }
+        headers = self._headers()
         base = f"http://{node.address}"
         failed = f"migration failed, {vm.name} runs here as before"
-        migration_id = secrets.token_hex(8)
         async with httpx.AsyncClient(headers=headers, timeout=60) as client:
 
             async def abandon() -> None:  # the target may be starting: it aborts at the end
@@ -521,6 +522,61 @@ class MigrationService:
             f"downtime {downtime}, {stats.transferred >> 20} MiB sent in {stats.passes} passes"
         )
         return {"node": node.name, **asdict(stats)}
+
+    def _headers(self) -> dict[str, str]:
+        return {
+            "authorization": f"Bearer {self.nodes.secret}",
+            "x-vmhive-user": "node",
+            "x-vmhive-forwarded-by": self.nodes.name,
+        }
+
+    # -- after a restart ----------------------------------------------------------
+
+    async def settle(self, job: Job) -> str | None:
+        """A migration this node's stop interrupted ends one way, never both: if the
+        target already runs the guest, it is told to take the VM over (this node's
+        QEMU is then fenced as a VM moved away); otherwise the target is told to
+        abort, and the VM's uuid is returned for `undo` once its QEMU is adopted."""
+        vm_uuid = (job.target or "").partition(":")[2]
+        params = job.params or {}
+        vm = await self.ctx.load_vm_by_uuid(vm_uuid)
+        if vm is None or "migration_id" not in params:
+            return None
+        if vm.node_id != self.ctx.node_id:
+            log.warning("migration of %s had completed before the stop", vm.name)
+            return None
+        try:
+            node = await self.nodes.address_of(str(params["to"]))
+        except NotFound:
+            return vm_uuid
+        url = f"http://{node.address}{INTERNAL}/{params['migration_id']}"
+        async with httpx.AsyncClient(headers=self._headers(), timeout=30) as client:
+            try:
+                status = await client.post(f"{url}/query-status", json={})
+                running = status.status_code == 200 and bool(status.json().get("running"))
+                if running:
+                    committed = await client.post(f"{url}/commit", timeout=120)
+                    if committed.status_code == 200:
+                        log.warning("migration of %s completed on node %s", vm.name, node.name)
+                        return None
+                await client.delete(url)
+            except httpx.HTTPError as exc:
+                log.error(
+                    "node %s did not answer about migration of %s: %s", node.name, vm.name, exc
+                )
+        log.warning("migration of %s to %s rolled back", vm.name, node.name)
+        return vm_uuid
+
+    async def undo(self, vm_uuid: str) -> None:
+        """Run the guest on here after an interrupted migration was rolled back."""
+        if not self.ctx.driver.is_running(vm_uuid):
+            return
+        try:
+            done = await self.ctx.driver.abandon_migration(vm_uuid)
+        except Exception as exc:  # leave the guest alone rather than guess
+            log.error("could not undo the interrupted migration of %s: %s", vm_uuid, exc)
+            return
+        await self.ctx.record_state(vm_uuid, "running", done)
 
     async def drain(self) -> str:
         """This node admits no new VM, and its running VMs are live-migrated away,

@@ -37,6 +37,7 @@ from vmhive.hypervisor.qemu.migration import (
     MigrationStats,
     StorageMode,
 )
+from vmhive.hypervisor.qemu.migration.recovery import abandon
 from vmhive.hypervisor.qemu.process import (
     LaunchError,
     QemuProcess,
@@ -821,6 +822,11 @@ class QemuDriver(Driver):
             vm.process.send_signal(signal.SIGKILL)
         await asyncio.wait_for(vm.stopped.wait(), KILL_DEADLINE)
         return stats
+
+    async def abandon_migration(self, vm_uuid: str) -> str:
+        """After a daemon restart: undo an interrupted outgoing migration and run
+        the guest on (see migration.recovery)."""
+        return await abandon(self._get(vm_uuid).monitor)
 
     def cancel_migration(self, vm_uuid: str) -> bool:
         engine = self._migrations.get(vm_uuid)
