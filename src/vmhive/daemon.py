@@ -33,7 +33,8 @@ from vmhive.services.host import HostInfo, pinned_machines, qemu_version
 from vmhive.services.images import ImageService
 from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.media import MediaService
-from vmhive.services.migrations import IncomingMigrations, MigrationService
+from vmhive.services.migration_target import IncomingMigrations
+from vmhive.services.migrations import MigrationService
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeService
 from vmhive.services.snapshot_schedules import ScheduleService

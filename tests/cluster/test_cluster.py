@@ -316,3 +316,16 @@ def test_killing_the_source_daemon_mid_migration_rolls_it_back(cluster: Cluster)
     job = n1.hive.cli("vm", "migrate", "k1", "--to", "n2", "-o", "json").json()  # still movable
     assert job["state"] == "succeeded" and owner(n1, "k1") == "n2"
     n1.hive.cli("vm", "delete", "k1", "--force")
+
+
+def test_offline_move_of_a_stopped_vm(cluster: Cluster) -> None:
+    n1, n2 = cluster["n1"], cluster["n2"]
+    n1.hive.cli("vm", "create", "o1", "-g", "1", "--memory", "64", "--no-nic", "--node", "n1")
+    job = n2.hive.cli("vm", "migrate", "o1", "--to", "n2", "--offline", "-o", "json").json()
+    assert job["state"] == "succeeded" and owner(n1, "o1") == "n2"
+    tiny(n1, "o2", "--node", "n1")
+    local = n1.hive.cli("vm", "migrate", "o2", "--to", "n2", "--offline", check=False)
+    assert local.rc != 0 and "offline move of local disks is not built" in local.err
+    assert owner(n1, "o2") == "n1"
+    for name in ("o1", "o2"):
+        n1.hive.cli("vm", "delete", name)

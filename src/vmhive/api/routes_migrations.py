@@ -26,6 +26,7 @@ class MigrateIn(BaseModel):
     )
     multifd_channels: int = Field(0, description="parallel RAM streams (0: one)")
     postcopy: bool = Field(False, description="run on the target before all RAM moved, if needed")
+    offline: bool = Field(False, description="move a stopped VM whose disks every node sees")
 
 
 @router.post("/vms/{name}/migrate", status_code=202)
@@ -41,9 +42,8 @@ async def migrate(request: Request, name: str, body: MigrateIn, wait: bool = Fal
         )
     except ValueError as exc:
         raise InvalidRequest(str(exc)) from None
-    return await job_response(
-        daemon, await daemon.migrations.migrate(name, body.to, settings), wait
-    )
+    job_id = await daemon.migrations.migrate(name, body.to, settings, offline=body.offline)
+    return await job_response(daemon, job_id, wait)
 
 
 def _node_only(request: Request) -> None:

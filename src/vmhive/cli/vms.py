@@ -332,6 +332,9 @@ def vm_migrate(
     postcopy: Annotated[
         bool, typer.Option(help="switch to post-copy if pre-copy does not converge")
     ] = False,
+    offline: Annotated[
+        bool, typer.Option("--offline", help="move a stopped VM whose disks every node sees")
+    ] = False,
     wait: WaitOpt = True,
     output: OutputOpt = Output.table,
 ) -> None:
@@ -343,6 +346,7 @@ def vm_migrate(
         "auto_converge": auto_converge,
         "multifd_channels": multifd,
         "postcopy": postcopy,
+        "offline": offline,
     }
     client = api()
     job = run_job(

@@ -34,247 +34,36 @@ import contextlib
 import logging
 import secrets
 import shutil
-import socket
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, cast
+from typing import Any
 
 import httpx
 from sqlalchemy import select, update
 
-from vmhive.hypervisor.qemu.argv import build_argv
 from vmhive.hypervisor.qemu.migration import (
     Endpoint,
     MigrationError,
     MigrationProgress,
     MigrationSettings,
-    MigrationTarget,
-    NewDisk,
     StorageMode,
-    incoming_argv,
 )
-from vmhive.hypervisor.qemu.process import RuntimeRecord, host_boot_id
 from vmhive.hypervisor.qemu.qmp import MonitorTimeout, QmpCommandError, QmpEvent, RunStatus
 from vmhive.jobs.runner import JobContext, JobError
-from vmhive.services import cloudinit, specs
+from vmhive.services import specs
 from vmhive.services.context import ServiceContext
-from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.services.errors import Conflict, NotFound
+from vmhive.services.migration_target import IncomingMigrations
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeAddress, NodeService
 from vmhive.services.placement import Demand, refusal
-from vmhive.store.models import Disk, Event, Job, Vm
+from vmhive.store.models import Event, Job, Node, Vm
 
 log = logging.getLogger(__name__)
 
 INTERNAL = "/api/internal/migrations"
 POLL = 0.5  # seconds between checks that the target QEMU still lives
-EXTS = {"qcow2": "qcow2", "raw": "img"}
-
-
-def _free_port(host: str) -> int:
-    with socket.socket() as s:
-        s.bind((host, 0))
-        port: int = s.getsockname()[1]
-        return port
-
-
-# -- the target node ------------------------------------------------------------
-
-
-class TcpMigrationTarget(MigrationTarget):
-    """A MigrationTarget listening on this node's address instead of unix sockets."""
-
-    host = ""
-    ports = (0, 0)
-
-    @property
-    def migration_endpoint(self) -> Endpoint:
-        return Endpoint.tcp(self.host, self.ports[0])
-
-    @property
-    def nbd_endpoint(self) -> Endpoint:
-        return Endpoint.tcp(self.host, self.ports[1])
-
-
-@dataclass
-class _Incoming:
-    vm: Vm
-    target: TcpMigrationTarget
-    disk_paths: dict[int, str]  # disk index -> its new path here (local storage)
-    expiry: asyncio.Task[None] | None = None
-
-
-class IncomingMigrations:
-    """What the target node keeps of the migrations coming to it."""
-
-    def __init__(self, ctx: ServiceContext, networks: NetworkService, nodes: NodeService) -> None:
-        self.ctx = ctx
-        self.networks = networks
-        self.nodes = nodes
-        self._open: dict[str, _Incoming] = {}
-        self._aborted: set[str] = set()  # aborts of migrations not (yet) open
-
-    def _get(self, migration_id: str) -> _Incoming:
-        found = self._open.get(migration_id)
-        if found is None:
-            raise NotFound(f"no incoming migration {migration_id}")
-        return found
-
-    async def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
-        """Start the incoming QEMU. `id` is the source's: an abort that arrives while
-        this still runs (the source gave up waiting) is honoured when it ends."""
-        migration_id = str(body.get("id", ""))
-        if not migration_id or migration_id in self._open:
-            raise InvalidRequest("a new migration needs an id of its own")
-        answer = await self._prepare(migration_id, body)
-        if migration_id in self._aborted:
-            await self.abort(migration_id)
-            raise Conflict("the migration was aborted while its target started")
-        return answer
-
-    async def _prepare(self, migration_id: str, body: dict[str, Any]) -> dict[str, Any]:
-        settings = self.ctx.settings
-        vm = await self.ctx.load_vm_by_uuid(str(body.get("vm_uuid", "")))
-        if vm is None:
-            raise NotFound("no such VM")
-        if vm.node_id == self.ctx.node_id:
-            raise Conflict(f"VM {vm.name} is on this node already")
-        for cd in vm.cdroms:
-            if cd.iso and not Path(cd.iso).exists():
-                raise Conflict(f"{cd.iso} is not on node {self.nodes.name}: eject it first")
-        storage = StorageMode(body["storage"])
-        folder = specs.vm_dir(settings, vm)
-        folder.mkdir(parents=True, exist_ok=True)
-        new_disks: list[NewDisk] = []
-        paths: dict[int, str] = {}
-        for entry in body.get("disks", []):
-            node, fmt, size = str(entry["node"]), str(entry["format"]), int(entry["size"])
-            if node == "fw-vars":
-                path = folder / specs.VARS_FILE
-            elif node.startswith("disk") and node[4:].isdigit():
-                index = int(node[4:])
-                path = folder / f"migrated-disk{index}.{EXTS.get(fmt, fmt)}"
-                paths[index] = str(path)
-            else:
-                raise InvalidRequest(f"unknown block node {node!r}")
-            new_disks.append(NewDisk(node=node, path=path, format=fmt, size=size))
-        for disk in vm.disks:  # the spec is built with the new paths (not stored yet)
-            if disk.index in paths:
-                disk.path = paths[disk.index]
-        if vm.cloudinit:
-            await cloudinit.write_seed(settings, vm)
-        spec = specs.build_spec(settings, vm, self.ctx.host.accel.accel)
-        host = (settings.node_address or settings.listen).rpartition(":")[0].strip("[]")
-        await self.networks.plug(vm)
-        try:
-            target = cast(
-                TcpMigrationTarget, await TcpMigrationTarget.launch(spec, new_disks=new_disks)
-            )
-        except MigrationError as exc:
-            await self.networks.unplug(vm.uuid)
-            raise Conflict(f"node {self.nodes.name} cannot start the VM: {exc}") from None
-        target.host = host
-        target.ports = (_free_port(host), _free_port(host))
-        migration_id = str(body["id"])
-        incoming = _Incoming(vm, target, paths)
-        self._open[migration_id] = incoming
-        deadline = float(body.get("deadline_s", 3600)) + 120
-        incoming.expiry = asyncio.create_task(self._expire(migration_id, deadline))
-        log.info("incoming migration %s of VM %s (%s storage)", migration_id, vm.name, storage)
-        return {
-            "id": migration_id,
-            "migration": {"host": host, "port": target.ports[0]},
-            "nbd": {"host": host, "port": target.ports[1]},
-        }
-
-    async def _expire(self, migration_id: str, after: float) -> None:
-        await asyncio.sleep(after)
-        if migration_id in self._open:
-            log.warning("incoming migration %s was never committed: aborting it", migration_id)
-            await self.abort(migration_id)
-
-    async def op(self, migration_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
-        target = self._get(migration_id).target
-        monitor = target.monitor
-        if name == "listen":
-            await target.listen(MigrationSettings(**args["settings"]))
-        elif name == "export":
-            await target.export_disks([str(n) for n in args["nodes"]])
-        elif name == "stop-exports":
-            await target.stop_exports()
-        elif name == "query-migrate":
-            return {"reply": await monitor.query_migrate()}
-        elif name == "query-status":
-            status = await monitor.query_status()
-            return {"status": status.status, "running": status.running}
-        elif name == "cont":
-            try:
-                await monitor.cont()
-            except QmpCommandError as exc:
-                return {"refused": str(exc)}
-        elif name == "wait-event":
-            try:
-                event = await monitor.wait_event(str(args["name"]), float(args["timeout"]))
-            except MonitorTimeout:
-                return {"timeout": True}
-            return {"name": event.name, "data": event.data, "timestamp": event.timestamp}
-        elif name == "status":
-            exited = target.process.exited.is_set()
-            return {"exited": exited, "reason": target.process.exit_reason() if exited else ""}
-        else:
-            raise InvalidRequest(f"unknown migration operation {name!r}")
-        return {}
-
-    async def commit(self, migration_id: str) -> dict[str, Any]:
-        """The guest runs here now: make the QEMU and the VM this node's."""
-        incoming = self._open.pop(migration_id, None)
-        if incoming is None:
-            raise NotFound(f"no incoming migration {migration_id}")
-        if incoming.expiry is not None:
-            incoming.expiry.cancel()
-        target, vm = incoming.target, incoming.vm
-        target.commit()
-        spec = target.spec
-        RuntimeRecord(
-            vm_uuid=vm.uuid,
-            pid=target.process.pid,
-            argv=build_argv(spec) + incoming_argv(),
-            boot_id=host_boot_id(),
-            started_at=time.time(),
-            accel=spec.accel.value,
-        ).save(spec.runtime.run_dir)
-        await target.close()
-        async with self.ctx.sessions() as session:
-            await session.execute(
-                update(Vm)
-                .where(Vm.uuid == vm.uuid)
-                .values(node_id=self.ctx.node_id, pid=target.process.pid, accel=spec.accel.value)
-            )
-            for index, path in incoming.disk_paths.items():
-                await session.execute(
-                    update(Disk)
-                    .where(Disk.vm_id == vm.id, Disk.index == index)
-                    .values(path=path, source="copy", base_disk_id=None, image=None)
-                )
-            message = f"{vm.name}: migrated in to node {self.nodes.name}"
-            session.add(Event(vm_uuid=vm.uuid, kind="migrate", message=message))
-            await session.commit()
-        adopted = await self.ctx.driver.adopt(spec)
-        await self.ctx.record_state(vm.uuid, adopted.state.value, "migrated in", desired="running")
-        return {"pid": target.process.pid, "node": self.nodes.name}
-
-    async def abort(self, migration_id: str) -> None:
-        incoming = self._open.pop(migration_id, None)
-        if incoming is None:
-            self._aborted.add(migration_id)
-            return
-        if incoming.expiry is not None and incoming.expiry is not asyncio.current_task():
-            incoming.expiry.cancel()
-        await incoming.target.abort()
-        await self.networks.unplug(incoming.vm.uuid)
-
-
 # -- the source node: the target on another node, as the engine sees it --------
 
 
@@ -405,11 +194,15 @@ class MigrationService:
             return StorageMode.LOCAL
         return StorageMode.SHARED
 
-    async def migrate(self, name: str, to: str, settings: MigrationSettings) -> str:
+    async def migrate(
+        self, name: str, to: str, settings: MigrationSettings, *, offline: bool = False
+    ) -> str:
         vm = await self.ctx.load_vm(name)
         if to == self.nodes.name:
             raise Conflict(f"VM {name} is on node {to} already")
         view = await self.nodes.get(to)
+        if offline:
+            return await self._move_stopped(vm, view.name)
         if any(d.volume_id is not None for d in vm.disks):
             raise Conflict(f"VM {name} has pool volumes attached, which cannot migrate yet")
         if vm.state != "running" or not self.ctx.driver.is_running(vm.uuid):
@@ -522,6 +315,44 @@ class MigrationService:
             f"downtime {downtime}, {stats.transferred >> 20} MiB sent in {stats.passes} passes"
         )
         return {"node": node.name, **asdict(stats)}
+
+    async def _move_stopped(self, vm: Vm, to: str) -> str:
+        """--offline: a stopped VM whose disks every node sees changes owner."""
+        if vm.state not in ("stopped", "crashed") or self.ctx.driver.is_running(vm.uuid):
+            raise Conflict(f"VM {vm.name} is {vm.state}: --offline moves a stopped VM")
+        if self.storage_of(vm) is not StorageMode.SHARED:
+            raise Conflict(
+                f"VM {vm.name} has disks (or UEFI variables) in this node's data directory: "
+                "an offline move of local disks is not built; start it and migrate it live"
+            )
+        target_id = await self._node_id(to)
+
+        async def job(ctx: JobContext) -> dict[str, Any]:
+            async with self.ctx.sessions() as session:
+                moved = await session.execute(
+                    update(Vm)
+                    .where(Vm.uuid == vm.uuid, Vm.node_id == self.ctx.node_id)
+                    .values(node_id=target_id)
+                    .returning(Vm.id)
+                )
+                if moved.one_or_none() is None:
+                    raise JobError(f"VM {vm.name} is not this node's any more")
+                message = f"{vm.name}: moved (stopped) to node {to}"
+                session.add(Event(vm_uuid=vm.uuid, kind="migrate", message=message))
+                await session.commit()
+            await ctx.log(f"{vm.name} belongs to node {to} now")
+            return {"node": to, "offline": True}
+
+        return await self.ctx.runner.submit(
+            "vm.migrate", f"vm:{vm.uuid}", job, params={"name": vm.name, "to": to, "offline": True}
+        )
+
+    async def _node_id(self, name: str) -> int:
+        async with self.ctx.sessions() as session:
+            node_id = await session.scalar(select(Node.id).where(Node.name == name))
+        if node_id is None:
+            raise NotFound(f"no node named {name!r}")
+        return int(node_id)
 
     def _headers(self) -> dict[str, str]:
         return {
