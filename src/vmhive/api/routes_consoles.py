@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Literal
 
 from fastapi import APIRouter, Request, WebSocket, WebSocketDisconnect
@@ -73,6 +74,30 @@ async def _admit(websocket: WebSocket, name: str, kind: str) -> Any | None:
     return vm
 
 
+async def _relay(
+    websocket: WebSocket,
+    to_client: Coroutine[Any, Any, None],
+    from_client: Callable[[bytes], Awaitable[None]],
+) -> None:
+    """Run `to_client` while the client's frames go to `from_client`, until
+    either side ends."""
+    sender = asyncio.create_task(to_client)
+    try:
+        while True:
+            message = await websocket.receive()
+            if message["type"] == "websocket.disconnect":
+                break
+            data = message.get("bytes") or (message.get("text") or "").encode()
+            if data:
+                await from_client(data)
+    except (WebSocketDisconnect, ConnectionError, RuntimeError):
+        pass
+    finally:
+        sender.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await sender
+
+
 @router.websocket("/vms/{name}/console")
 async def serial_console(websocket: WebSocket, name: str) -> None:
     """The live serial console: guest output as binary frames, input the same way.
@@ -102,22 +127,10 @@ async def serial_console(websocket: WebSocket, name: str) -> None:
             await websocket.send_bytes(chunk)
         await websocket.close(code=1000, reason="the VM stopped")
 
-    sender = asyncio.create_task(to_client())
     try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("bytes") or (message.get("text") or "").encode()
-            if data:
-                await terminal.write(data)
-    except (WebSocketDisconnect, ConnectionError, RuntimeError):
-        pass
+        await _relay(websocket, to_client(), terminal.write)
     finally:
         terminal.unsubscribe(queue)
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
 
 
 @router.websocket("/vms/{name}/vnc")
@@ -141,22 +154,13 @@ async def vnc_console(websocket: WebSocket, name: str) -> None:
             await websocket.send_bytes(chunk)
         await websocket.close(code=1000, reason="the VM's display closed")
 
-    sender = asyncio.create_task(to_client())
+    async def to_vnc(data: bytes) -> None:
+        writer.write(data)
+        await writer.drain()
+
     try:
-        while True:
-            message = await websocket.receive()
-            if message["type"] == "websocket.disconnect":
-                break
-            data = message.get("bytes") or (message.get("text") or "").encode()
-            if data:
-                writer.write(data)
-                await writer.drain()
-    except (WebSocketDisconnect, ConnectionError, RuntimeError):
-        pass
+        await _relay(websocket, to_client(), to_vnc)
     finally:
-        sender.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await sender
         writer.close()
         with contextlib.suppress(Exception):
             await writer.wait_closed()
