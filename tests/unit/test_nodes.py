@@ -153,3 +153,22 @@ async def test_a_start_needs_ownership(api: Client) -> None:
     job = await api.daemon.runner.get(job_id)
     assert job.state == "failed" and "belongs to another node" in (job.error or "")
     assert not api.driver.is_running("u-3")
+
+
+async def test_placement_reads_usage_again_after_a_change_here(api: Client) -> None:
+    """Placement decides on usage at most USAGE_MAX_AGE old, and on fresh usage
+    right after a VM was created here (so an anti-affinity group holds)."""
+    me = api.daemon.nodes.name
+    await add_node(api, "other")
+    group = {"affinity_group": "g", "strategy": "pack"}
+    first = (await api.call("POST", "/api/placement", json=group)).json()
+    assert first["node"] is not None
+    await api.ok("POST", "/api/vms", json={**VM, "node": me, "affinity_group": "g"})
+    after = (await api.call("POST", "/api/placement", json=group)).json()
+    assert after["node"] == "other"  # this node has a VM of the group now
+    await add_node(api, "zz-late")  # another node's change: seen once the usage is old
+    api.daemon.nodes.forget_usage()
+    names = {
+        c["node"] for c in (await api.call("POST", "/api/placement", json={})).json()["considered"]
+    }
+    assert "zz-late" in names

@@ -63,6 +63,7 @@ async def create_vm(request: Request, body: VmCreate, wait: bool = False) -> JSO
         job_id = await daemon.vms.create(req)
     except PlacedElsewhere as elsewhere:  # created by the node placement chose
         node = await daemon.nodes.address_of(elsewhere.node)
+        daemon.nodes.forget_usage()  # the VM lands there: the next placement must see it
         body_out = body.model_dump(mode="json") | {"node": elsewhere.node}
         params = {"wait": "true"} if wait else None
         return await forward_json(

@@ -15,6 +15,8 @@ import os
 import secrets
 import shutil
 import socket
+import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
@@ -29,6 +31,10 @@ from vmhive.services.placement import Candidate, Demand, Verdict, place
 from vmhive.store.models import Job, Node, Setting, Vm, utcnow
 
 NODE_TIMEOUT = timedelta(seconds=30)
+# How old the usage placement decides on may be. This node's own changes (a VM
+# created, started, stopped, deleted here) drop it at once; other nodes' show
+# within this time, as their heartbeats do.
+USAGE_MAX_AGE = 2.0
 CLUSTER_SECRET = "cluster.secret"
 # VMs that hold their memory and vCPUs on a node: running, or meant to run.
 HOLDING = ("starting", "running", "paused", "stopping")
@@ -93,6 +99,8 @@ class NodeService:
         self.name = ctx.settings.node_name or socket.gethostname()
         self.id: int | None = None
         self.secret = ""  # the cluster secret: how nodes authenticate to each other
+        self._usage: tuple[float, Sequence[Candidate]] | None = None
+        ctx.events.listeners.append(lambda _kind, _data: self.forget_usage())
 
     def _storage(self) -> tuple[int, int]:
         usage = shutil.disk_usage(self.ctx.settings.data_dir)
@@ -249,8 +257,7 @@ class NodeService:
     # -- changes ----------------------------------------------------------------
 
     async def set_drained(self, name: str, drained: bool) -> NodeView:
-        """Drained: no new VM is placed there. (Moving its VMs away is the
-        migration's job, which is not built into the daemon yet.)"""
+        """Drained: no new VM is placed there (moving its VMs away: MigrationService.drain)."""
         async with self.ctx.sessions() as session:
             changed = await session.execute(
                 update(Node).where(Node.name == name).values(drained=drained).returning(Node.id)
@@ -258,6 +265,7 @@ class NodeService:
             if changed.one_or_none() is None:
                 raise NotFound(f"no node named {name!r}")
             await session.commit()
+        self.forget_usage()
         return await self.get(name)
 
     async def remove(self, name: str) -> None:
@@ -277,8 +285,19 @@ class NodeService:
 
     # -- placement --------------------------------------------------------------
 
+    def forget_usage(self) -> None:
+        self._usage = None
+
+    async def candidates(self) -> Sequence[Candidate]:
+        """Every node as placement sees it, read again when older than USAGE_MAX_AGE
+        (reading the cluster's usage costs far more than deciding on it)."""
+        now = time.monotonic()
+        if self._usage is None or now - self._usage[0] > USAGE_MAX_AGE:
+            self._usage = (now, [view.candidate() for view in await self.list()])
+        return self._usage[1]
+
     async def place(self, demand: Demand, strategy: str = "spread") -> Verdict:
         try:
-            return place(demand, [v.candidate() for v in await self.list()], strategy)
+            return place(demand, await self.candidates(), strategy)
         except ValueError as exc:
             raise InvalidRequest(str(exc)) from None

@@ -11,6 +11,7 @@ repeatable. Pure functions of their inputs: the service gathers the facts.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 STRATEGIES = ("spread", "pack")
@@ -89,7 +90,7 @@ def refusal(demand: Demand, node: Candidate) -> str | None:
     return None
 
 
-def place(demand: Demand, nodes: list[Candidate], strategy: str = "spread") -> Verdict:
+def place(demand: Demand, nodes: Sequence[Candidate], strategy: str = "spread") -> Verdict:
     if strategy not in STRATEGIES:
         raise ValueError(f"placement strategy must be one of {', '.join(STRATEGIES)}")
     considered: list[Considered] = []

@@ -228,6 +228,8 @@ class VmService:
                 await session.commit()
             except IntegrityError:
                 raise Conflict(f"a VM named {req.name!r} already exists") from None
+        if self.nodes is not None:
+            self.nodes.forget_usage()  # the next placement sees this VM (and its group)
 
         reserved_on = network.id if network is not None and ip is not None else None
 
