@@ -28,6 +28,7 @@ from starlette.requests import cookie_parser
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from vmhive.services.nodes import FORWARDED_USER
 from vmhive.services.users import Login
 
 if TYPE_CHECKING:
@@ -35,7 +36,6 @@ if TYPE_CHECKING:
 
 COOKIE = "vmhive_session"
 CSRF_HEADER = b"x-csrf-token"
-FORWARDED_USER = b"x-vmhive-user"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 PUBLIC = frozenset(
     {
@@ -62,7 +62,7 @@ PAGE_POLICY = (
 )
 
 
-def _header(scope: Scope, name: bytes) -> bytes | None:
+def scope_header(scope: Scope, name: bytes) -> bytes | None:
     for key, value in scope.get("headers", []):
         if key == name:
             return bytes(value)
@@ -70,7 +70,7 @@ def _header(scope: Scope, name: bytes) -> bytes | None:
 
 
 def session_cookie(scope: Scope) -> str | None:
-    raw = _header(scope, b"cookie")
+    raw = scope_header(scope, b"cookie")
     if raw is None:
         return None
     return cookie_parser(raw.decode("latin-1")).get(COOKIE) or None
@@ -110,7 +110,7 @@ class Auth:
                 )
                 return
             if login is not None and login.via == "session" and method not in SAFE_METHODS:
-                given = _header(scope, CSRF_HEADER) or b""
+                given = scope_header(scope, CSRF_HEADER) or b""
                 if not hmac.compare_digest(given, login.csrf_token.encode()):
                     await self._refuse(scope, receive, send, 403, "missing or wrong CSRF token")
                     return
@@ -122,7 +122,7 @@ class Auth:
         server = scope.get("server")
         if server is not None and server[1] is None and str(server[0]).startswith("/"):
             return Login(user="root", via="unix")  # the unix socket (its path, no port)
-        authorization = _header(scope, b"authorization")
+        authorization = scope_header(scope, b"authorization")
         if authorization is not None:
             scheme, _, given = authorization.partition(b" ")
             if scheme.lower() != b"bearer":
@@ -131,7 +131,7 @@ class Auth:
                 return Login(user="token", via="token")
             if self.cluster_secret and hmac.compare_digest(given.strip(), self.cluster_secret):
                 # Another node, forwarding a request it admitted for this user.
-                user = (_header(scope, FORWARDED_USER) or b"node").decode("latin-1")
+                user = (scope_header(scope, FORWARDED_USER.encode()) or b"node").decode("latin-1")
                 return Login(user=user, via="node")
             return None
         cookie = session_cookie(scope)

@@ -22,15 +22,14 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from websockets.asyncio.client import connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 
-from vmhive.api.auth import FORWARDED_USER
-from vmhive.services.nodes import NodeAddress
+from vmhive.api.auth import scope_header
+from vmhive.services.nodes import FORWARDED_BY, FORWARDED_USER, NodeAddress
 
 if TYPE_CHECKING:
     from vmhive.daemon import Daemon
     from vmhive.services.users import Login
 
 VM_PATH = re.compile(r"/api/vms/([^/]+)(?:/.*)?")
-FORWARDED_BY = "x-vmhive-forwarded-by"
 HOP_BY_HOP = frozenset(
     {
         "connection",
@@ -46,19 +45,11 @@ HOP_BY_HOP = frozenset(
         "authorization",
         "cookie",
         "x-csrf-token",
-        FORWARDED_USER.decode(),
+        FORWARDED_USER,
         FORWARDED_BY,
     }
 )
 TIMEOUT = httpx.Timeout(3700.0, connect=10.0)  # ?wait=true may wait for an hour-long job
-
-
-def node_headers(daemon: Daemon, user: str) -> dict[str, str]:
-    return {
-        "authorization": f"Bearer {daemon.nodes.secret}",
-        FORWARDED_USER.decode(): user or "node",
-        FORWARDED_BY: daemon.nodes.name,
-    }
 
 
 async def forward_json(
@@ -78,7 +69,7 @@ async def forward_json(
                 f"http://{node.address}{path}",
                 json=json,
                 params=params,
-                headers=node_headers(daemon, login.user),
+                headers=daemon.nodes.call_headers(login.user),
             )
         except httpx.HTTPError as exc:
             return JSONResponse(
@@ -96,7 +87,7 @@ class Forwarder:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         match = VM_PATH.fullmatch(scope.get("path", "")) if scope["type"] != "lifespan" else None
         nodes = getattr(self.daemon, "nodes", None)
-        if match is None or nodes is None or _header(scope, FORWARDED_BY) is not None:
+        if match is None or nodes is None or scope_header(scope, FORWARDED_BY.encode()) is not None:
             await self.app(scope, receive, send)  # never relay a relayed request again
             return
         owner = await nodes.owner(match.group(1))
@@ -118,7 +109,7 @@ class Forwarder:
             if k.decode("latin-1") not in HOP_BY_HOP and not k.startswith(b"sec-websocket")
         }
         if with_secret:
-            headers.update(node_headers(self.daemon, login.user))
+            headers.update(self.daemon.nodes.call_headers(login.user))
         else:
             headers[FORWARDED_BY] = self.daemon.nodes.name
         return headers
@@ -211,11 +202,3 @@ class Forwarder:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError, Exception):
                 await task
-
-
-def _header(scope: Scope, name: str) -> bytes | None:
-    wanted = name.encode()
-    for key, value in scope.get("headers", []):
-        if key == wanted:
-            return bytes(value)
-    return None

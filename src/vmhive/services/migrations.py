@@ -243,7 +243,7 @@ class MigrationService:
             if vm.generation == 2:
                 disks.append({"node": "fw-vars", "format": "raw", "size": sizes["fw-vars"]})
         await ctx.log(f"migrating to node {node.name} ({storage} storage)")
-        headers = self._headers()
+        headers = self.nodes.call_headers()
         base = f"http://{node.address}"
         failed = f"migration failed, {vm.name} runs here as before"
         async with httpx.AsyncClient(headers=headers, timeout=60) as client:
@@ -354,13 +354,6 @@ class MigrationService:
             raise NotFound(f"no node named {name!r}")
         return int(node_id)
 
-    def _headers(self) -> dict[str, str]:
-        return {
-            "authorization": f"Bearer {self.nodes.secret}",
-            "x-vmhive-user": "node",
-            "x-vmhive-forwarded-by": self.nodes.name,
-        }
-
     # -- after a restart ----------------------------------------------------------
 
     async def settle(self, job: Job) -> str | None:
@@ -381,7 +374,7 @@ class MigrationService:
         except NotFound:
             return vm_uuid
         url = f"http://{node.address}{INTERNAL}/{params['migration_id']}"
-        async with httpx.AsyncClient(headers=self._headers(), timeout=30) as client:
+        async with httpx.AsyncClient(headers=self.nodes.call_headers(), timeout=30) as client:
             try:
                 status = await client.post(f"{url}/query-status", json={})
                 running = status.status_code == 200 and bool(status.json().get("running"))

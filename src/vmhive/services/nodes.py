@@ -36,6 +36,10 @@ NODE_TIMEOUT = timedelta(seconds=30)
 # within this time, as their heartbeats do.
 USAGE_MAX_AGE = 2.0
 CLUSTER_SECRET = "cluster.secret"
+# How one node calls another: the cluster secret as bearer token, the user the
+# call is made for, and the calling node (a relayed request is never relayed again).
+FORWARDED_USER = "x-vmhive-user"
+FORWARDED_BY = "x-vmhive-forwarded-by"
 # VMs that hold their memory and vCPUs on a node: running, or meant to run.
 HOLDING = ("starting", "running", "paused", "stopping")
 
@@ -161,6 +165,14 @@ class NodeService:
             row = await session.get(Setting, CLUSTER_SECRET)
             assert row is not None
             return row.value
+
+    def call_headers(self, user: str = "node") -> dict[str, str]:
+        """The headers of a call from this node to another, on `user`'s behalf."""
+        return {
+            "authorization": f"Bearer {self.secret}",
+            FORWARDED_USER: user or "node",
+            FORWARDED_BY: self.name,
+        }
 
     async def owner(self, vm_name: str) -> NodeAddress | None:
         """The node that owns a VM, when that is another node than this one."""
