@@ -47,10 +47,11 @@ async def drain(request: Request, name: str, wait: bool = False) -> JSONResponse
     if name != daemon.nodes.name:
         view = await daemon.nodes.get(name)
         if view.online:
-            node = await daemon.nodes.address_of(name)
             params = {"wait": "true"} if wait else None
             path = f"/api/nodes/{name}/drain"
-            return await forward_json(daemon, node, "POST", path, request.state.login, None, params)
+            return await forward_json(
+                daemon, view.reach, "POST", path, request.state.login, None, params
+            )
         # An offline node runs nothing to move: marking it is all there is to do.
         await daemon.nodes.set_drained(name, True)
         return JSONResponse(view.as_dict() | {"drained": True}, status_code=200)

@@ -210,7 +210,7 @@ class MigrationService:
         why = refusal(Demand(vm.vcpus, vm.memory_mib), view.candidate())
         if why is not None:
             raise Conflict(f"node {to} cannot take VM {name}: {why}")
-        address = await self.nodes.address_of(to)
+        address = view.reach
         migration_id = secrets.token_hex(8)  # in the job's params, for recovery
 
         async def job(ctx: JobContext) -> dict[str, Any]:

@@ -82,6 +82,10 @@ class NodeView:
         data["status"] = "online" if self.online else "offline"
         return data
 
+    @property
+    def reach(self) -> NodeAddress:
+        return NodeAddress(self.name, self.address)
+
     def candidate(self) -> Candidate:
         return Candidate(
             name=self.name,
