@@ -775,11 +775,7 @@ class QemuDriver(Driver):
 
     async def block_node_sizes(self, vm_uuid: str) -> dict[str, int]:
         """Each block node's virtual size, as the running QEMU sees it."""
-        nodes = await self._get(vm_uuid).monitor.query_named_block_nodes()
-        return {
-            str(n.get("node-name")): int((n.get("image") or {}).get("virtual-size", 0))
-            for n in nodes
-        }
+        return await self._get(vm_uuid).monitor.block_node_sizes()
 
     async def migrate_out(
         self,

@@ -683,6 +683,13 @@ class QmpMonitor:
         result = await self._execute("query-named-block-nodes", {"flat": True})
         return [dict(node) for node in result] if isinstance(result, list) else []
 
+    async def block_node_sizes(self) -> dict[str, int]:
+        """Each block node's virtual size in bytes, by node name."""
+        return {
+            str(n.get("node-name")): int((n.get("image") or {}).get("virtual-size", 0))
+            for n in await self.query_named_block_nodes()
+        }
+
     async def query_blockstats(self) -> list[dict[str, Any]]:
         """Each block device's cumulative I/O counters (bytes, operations)."""
         result = await self._execute("query-blockstats")

@@ -94,10 +94,7 @@ async def plan_local_disks(
     src_fw, dst_fw = source_spec.firmware, target_spec.firmware
     if src_fw and dst_fw and src_fw.vars != dst_fw.vars:
         wanted.append(("fw-vars", "raw", dst_fw.vars))
-    sizes = {
-        str(n.get("node-name")): int((n.get("image") or {}).get("virtual-size", 0))
-        for n in await source.query_named_block_nodes()
-    }
+    sizes = await source.block_node_sizes()
     disks = []
     for node, fmt, path in wanted:
         if not sizes.get(node):
