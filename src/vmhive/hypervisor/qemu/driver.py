@@ -810,13 +810,9 @@ class QemuDriver(Driver):
             vm.migrating = False
             vm.taps.remove(feed.queue)
             self._migrations.pop(vm_uuid, None)
-        vm.handed_over = True
+        vm.handed_over = True  # its exit is not recorded: the VM runs on elsewhere
         vm.shutdown_reason = "migrated to another node"
-        with contextlib.suppress(MonitorError, TimeoutError):
-            await asyncio.wait_for(vm.monitor.quit(), 3)
-        if not await vm.process.wait(KILL_DEADLINE):
-            vm.process.send_signal(signal.SIGKILL)
-        await asyncio.wait_for(vm.stopped.wait(), KILL_DEADLINE)
+        await self.kill(vm_uuid)
         return stats
 
     async def abandon_migration(self, vm_uuid: str) -> str:
