@@ -25,6 +25,7 @@ from vmhive.services.errors import InvalidRequest
 from vmhive.services.images import check_image_name
 from vmhive.services.media import ISO_NAME_RE
 from vmhive.services.volumes import check_volume_name
+from vmhive.tasks import spawn
 
 router = APIRouter(tags=["storage"])
 
@@ -92,13 +93,8 @@ async def _import(
             await daemon.runner.wait(job_id, None)
         shutil.rmtree(path.parent, ignore_errors=True)
 
-    task = asyncio.create_task(remove_when_done())
-    _background.add(task)
-    task.add_done_callback(_background.discard)
+    spawn(remove_when_done())
     return await job_response(daemon, job_id, wait)
-
-
-_background: set[asyncio.Task[None]] = set()
 
 
 @router.put("/isos/{name}/upload", status_code=202)

@@ -59,6 +59,7 @@ from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeAddress, NodeService
 from vmhive.services.placement import Demand, refusal
 from vmhive.store.models import Event, Job, Node, Vm
+from vmhive.tasks import spawn
 
 log = logging.getLogger(__name__)
 
@@ -280,8 +281,8 @@ class MigrationService:
                 line += f", dirty rate {p.dirty_rate >> 10} KiB/s, pass {p.passes}"
                 if p.expected_downtime_ms is not None:
                     line += f", expected downtime {p.expected_downtime_ms} ms"
-                _background(ctx.progress(min(99, int(done))))
-                _background(ctx.log(line))
+                spawn(ctx.progress(min(99, int(done))))
+                spawn(ctx.log(line))
 
             try:
                 stats = await driver.migrate_out(
@@ -450,12 +451,3 @@ class MigrationService:
     async def cancel(self, name: str) -> bool:
         vm = await self.ctx.load_vm(name)
         return self.ctx.driver.cancel_migration(vm.uuid)
-
-
-_tasks: set[asyncio.Task[Any]] = set()
-
-
-def _background(coro: Any) -> None:
-    task = asyncio.ensure_future(coro)
-    _tasks.add(task)
-    task.add_done_callback(_tasks.discard)
