@@ -44,10 +44,6 @@ FORWARDED_BY = "x-vmhive-forwarded-by"
 HOLDING = ("starting", "running", "paused", "stopping")
 
 
-def _aware(at: datetime) -> datetime:
-    return at if at.tzinfo is not None else at.replace(tzinfo=utcnow().tzinfo)
-
-
 @dataclass(frozen=True)
 class NodeAddress:
     name: str
@@ -135,7 +131,7 @@ class NodeService:
                 node = Node(name=self.name, incarnation=1, **facts)
                 session.add(node)
             else:
-                fresh = utcnow() - _aware(node.heartbeat_at) < NODE_TIMEOUT
+                fresh = utcnow() - node.heartbeat_at < NODE_TIMEOUT
                 if fresh and node.address != address:
                     raise Conflict(
                         f"node {self.name} is alive at {node.address}: "
@@ -239,7 +235,7 @@ class NodeService:
                 NodeView(
                     name=node.name,
                     address=node.address,
-                    online=now - _aware(node.heartbeat_at) < NODE_TIMEOUT,
+                    online=now - node.heartbeat_at < NODE_TIMEOUT,
                     drained=node.drained,
                     cpus=node.cpus,
                     memory_mib=node.memory_mib,
@@ -248,8 +244,8 @@ class NodeService:
                     qemu_version=node.qemu_version,
                     accel=node.accel,
                     incarnation=node.incarnation,
-                    heartbeat_at=_aware(node.heartbeat_at),
-                    joined_at=_aware(node.joined_at),
+                    heartbeat_at=node.heartbeat_at,
+                    joined_at=node.joined_at,
                     vms=used.vms if used else 0,
                     running=used.running or 0 if used else 0,
                     vcpus_used=used.vcpus or 0 if used else 0,

@@ -207,10 +207,7 @@ class UserService:
             ).one_or_none()
         if row is None:
             return None
-        expires = row.expires_at
-        if expires.tzinfo is None:  # SQLite hands datetimes back naive (UTC)
-            expires = expires.replace(tzinfo=utcnow().tzinfo)
-        if expires < utcnow():
+        if row.expires_at < utcnow():
             return None
         return Login(user=row.name, via="session", csrf_token=row.csrf_token)
 
