@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.functional.hive import Hive
 from tests.pg import PgServer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -62,6 +63,18 @@ def installer_iso(tiny_image_dir: Path) -> Path:
         return build_installer_iso(tiny_image_dir, tiny_image_dir)
     except InstallerBuildError as exc:
         pytest.fail(f"cannot build the installer ISO in {tiny_image_dir}: {exc}", pytrace=False)
+
+
+@pytest.fixture(scope="module")
+def hive(tiny_image_dir: Path) -> Iterator[Hive]:
+    """One daemon per test module (functional and e2e tiers); tests use distinct
+    VM names. Modules needing another daemon define their own `hive`."""
+    h = Hive(tiny_image_dir)
+    h.start()
+    try:
+        yield h
+    finally:
+        h.close()
 
 
 @pytest.fixture(scope="session")

@@ -14,16 +14,6 @@ from tests.functional.hive import Hive
 
 
 @pytest.fixture(scope="module")
-def hive(tiny_image_dir: Path) -> Iterator[Hive]:
-    h = Hive(tiny_image_dir)
-    h.start()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
-@pytest.fixture(scope="module")
 def browser() -> Iterator[Browser]:
     with sync_playwright() as playwright:
         browser = launch(playwright)

@@ -10,17 +10,6 @@ import pytest
 from tests.functional.hive import Hive
 
 
-@pytest.fixture(scope="module")
-def hive(tiny_image_dir: Path) -> Iterator[Hive]:
-    """One daemon per test module; tests use distinct VM names."""
-    h = Hive(tiny_image_dir)
-    h.start()
-    try:
-        yield h
-    finally:
-        h.close()
-
-
 @pytest.fixture
 def own_hive(tiny_image_dir: Path) -> Iterator[Hive]:
     """A daemon of the test's own, for tests that kill or restart it."""
