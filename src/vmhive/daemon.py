@@ -37,6 +37,7 @@ from vmhive.services.migration_target import IncomingMigrations
 from vmhive.services.migrations import MigrationService
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeService
+from vmhive.services.pools import PoolService
 from vmhive.services.snapshot_schedules import ScheduleService
 from vmhive.services.snapshots import SnapshotService
 from vmhive.services.templates import TemplateService
@@ -113,18 +114,21 @@ class Daemon:
         except Conflict as exc:
             raise SystemExit(f"vmhive: {exc}") from None
         self.networks = NetworkService(self.ctx)
+        self.pools = PoolService(self.ctx)
         self.lifecycle = Lifecycle(self.ctx, self.networks)
-        self.vms = VmService(self.ctx, self.lifecycle, self.networks, self.nodes)
+        self.vms = VmService(self.ctx, self.lifecycle, self.networks, self.nodes, self.pools)
         self.incoming = IncomingMigrations(self.ctx, self.networks, self.nodes)
-        self.migrations = MigrationService(self.ctx, self.networks, self.nodes, self.incoming)
-        self.volumes = VolumeService(self.ctx)
+        self.migrations = MigrationService(
+            self.ctx, self.networks, self.nodes, self.incoming, self.pools
+        )
+        self.volumes = VolumeService(self.ctx, self.pools)
         self.media = MediaService(self.ctx)
         self.images = ImageService(self.ctx)
         self.cloudinit = CloudInitService(self.ctx)
         self.templates = TemplateService(self.ctx, self.lifecycle)
         self.snapshots = SnapshotService(self.ctx, self.lifecycle)
         self.schedules = ScheduleService(self.ctx, self.snapshots)
-        await self.volumes.ensure_default_pool()
+        await self.nodes.heartbeat(pools=await self.pools.refresh())
         await self.networks.restore()
         if settings.default_network:
             await self.networks.ensure_default()
@@ -165,7 +169,7 @@ class Daemon:
         while True:
             await asyncio.sleep(self.settings.reconcile_interval)
             try:
-                await self.nodes.heartbeat()
+                await self.nodes.heartbeat(pools=await self.pools.refresh())
             except Exception:
                 log.exception("heartbeat failed")
 

@@ -8,15 +8,19 @@ from __future__ import annotations
 import json
 import os
 import re
+import shutil
 import signal
 import sys
+import tempfile
 import textwrap
+from pathlib import Path
 
 import pytest
 from sqlalchemy import create_engine, text
 
 from tests.cluster.conftest import Cluster, Node
 from tests.functional.hive import wait_for
+from vmhive.services.pools import MARKER_FILE
 from vmhive.store import db
 
 pytestmark = [pytest.mark.cluster, pytest.mark.network, pytest.mark.functional]
@@ -202,6 +206,70 @@ def test_live_migration_moves_a_running_guest_and_back(cluster: Cluster) -> None
     wait_for(lambda: last_tick(n1, "m1") > seen, 30, "the counter back on n1")
 
 
+def _pools_seen(cluster: Cluster) -> dict[str, list[str]]:
+    nodes = cluster["n1"].hive.cli("node", "list", "-o", "json").json()
+    return {n["name"]: n["pools"] or [] for n in nodes}
+
+
+def test_live_migration_with_a_shared_pool_moves_only_ram(cluster: Cluster) -> None:
+    """A guest whose disk is in a shared pool moves n1 -> n2 -> n1 without a disk
+    copy: the target opens the same file. A node that does not see the pool (its
+    marker gone, as when the storage is not mounted) is skipped by placement and
+    refused as a target."""
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    shared = Path(tempfile.mkdtemp(prefix="vh-san-", dir="/tmp"))  # "mounted" on every node
+    try:
+        n3.hive.cli("pool", "create", "san", "--path", str(shared), "--shared")
+        wait_for(lambda: all("san" in p for p in _pools_seen(cluster).values()), 30,
+                 "every node to see pool san")  # fmt: skip
+        tiny(n1, "s1", "--node", "n1", "--pool", "san", "--start")
+        vm = n1.hive.vm("s1")
+        disk = Path(vm["disks"][0]["path"])
+        assert disk.parent == shared / "vms" / vm["uuid"]
+        n1.hive.wait_ready("s1")
+        n1.hive.run_in_guest("s1", "echo kept > /root/before.txt; sync")
+        n1.hive.run_in_guest_nowait(
+            "s1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
+        )
+        wait_for(lambda: last_tick(n1, "s1") >= 3, 30, "the counter on n1")
+        before = uptime(n1, "s1")
+        job = n2.hive.cli("vm", "migrate", "s1", "--to", "n2", "-o", "json").json()
+        assert job["state"] == "succeeded" and job["result"]["disks_s"] == 0, job
+        assert any("copying no disk" in line["message"] for line in job["log"])
+        assert owner(n1, "s1") == "n2" and n2.hive.vm("s1")["disks"][0]["path"] == str(disk)
+        assert not n1.hive.qemu_pids() and len(n2.hive.qemu_pids()) == 1
+        assert _leftovers(n1, vm["uuid"]) == [] and disk.exists()
+        seen = last_tick(n2, "s1")
+        wait_for(lambda: last_tick(n2, "s1") >= seen + 3, 30, "the counter going on on n2")
+        assert "vmhive-guest-ready" not in n2.hive.console_log("s1")  # no reboot
+        assert uptime(n2, "s1") > before
+        assert "kept" in n2.hive.run_in_guest("s1", "cat /root/before.txt")
+        job = n1.hive.cli("vm", "migrate", "s1", "--to", "n1", "-o", "json").json()
+        assert job["state"] == "succeeded" and owner(n1, "s1") == "n1"
+        seen = last_tick(n1, "s1")
+        wait_for(lambda: last_tick(n1, "s1") > seen, 30, "the counter back on n1")
+
+        # The storage "unmounted": no node uses the pool at its next check.
+        (shared / MARKER_FILE).rename(shared / "marker.away")
+        try:
+            wait_for(lambda: not any("san" in p for p in _pools_seen(cluster).values()), 30,
+                     "the nodes to stop using pool san")  # fmt: skip
+            dry = n1.hive.cli("vm", "create", "s2", "--pool", "san", "--dry-run", "-o", "json")
+            verdict = dry.json()
+            assert verdict["node"] is None, verdict
+            assert {c["reason"] for c in verdict["considered"]} == {"lacks pool san"}
+            refused = n1.hive.cli("vm", "migrate", "s1", "--to", "n2", check=False)
+            assert refused.rc != 0 and "node n2 does not see shared pool san" in refused.err
+            assert owner(n1, "s1") == "n1" and not n2.hive.qemu_pids()
+        finally:
+            (shared / "marker.away").rename(shared / MARKER_FILE)
+        n1.hive.cli("vm", "delete", "s1", "--force")
+        assert not disk.parent.exists()
+        n1.hive.cli("pool", "delete", "san")
+    finally:
+        shutil.rmtree(shared, ignore_errors=True)
+
+
 def _leftovers(node: Node, vm_uuid: str) -> list[str]:
     folder = node.hive.data_dir / "vms" / vm_uuid
     return sorted(p.name for p in folder.iterdir()) if folder.exists() else []
@@ -325,7 +393,7 @@ def test_offline_move_of_a_stopped_vm(cluster: Cluster) -> None:
     assert job["state"] == "succeeded" and owner(n1, "o1") == "n2"
     tiny(n1, "o2", "--node", "n1")
     local = n1.hive.cli("vm", "migrate", "o2", "--to", "n2", "--offline", check=False)
-    assert local.rc != 0 and "offline move of local disks is not built" in local.err
+    assert local.rc != 0 and "offline copy of local disks is not built" in local.err
     assert owner(n1, "o2") == "n1"
     for name in ("o1", "o2"):
         n1.hive.cli("vm", "delete", name)

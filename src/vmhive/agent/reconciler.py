@@ -127,7 +127,7 @@ class Agent:
             (settings.data_dir / "import", ".download-*"),
             (settings.data_dir / "iso", ".*.partial"),
             (settings.images, ".*.part"),
-            *((Path(path), ".*.part") for path in self.volumes.pool_paths()),
+            *((Path(path), ".*.part") for path in self.volumes.pools.dir_paths()),
         ]
         for directory, pattern in patterns:
             if directory.is_dir():

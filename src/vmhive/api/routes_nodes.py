@@ -21,6 +21,7 @@ class PlacementIn(BaseModel):
     storage_bytes: int = Field(0, ge=0)
     affinity_group: str | None = None
     networks: list[str] = []
+    pools: list[str] = []
     strategy: str = "spread"
 
 
@@ -78,6 +79,7 @@ async def placement(request: Request, body: PlacementIn) -> dict[str, Any]:
         storage_bytes=body.storage_bytes,
         affinity_group=body.affinity_group,
         networks=tuple(body.networks),
+        pools=tuple(body.pools),
     )
     verdict = await daemon_of(request).nodes.place(demand, body.strategy)
     return {

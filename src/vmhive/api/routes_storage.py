@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict
 
 from vmhive.api.deps import daemon_of, job_response
 from vmhive.api.routes_vms import parse_size_field
+from vmhive.services.pools import PoolView
 from vmhive.services.volumes import VolumeView
 
 router = APIRouter(tags=["storage"])
@@ -16,10 +17,35 @@ router = APIRouter(tags=["storage"])
 class PoolOut(BaseModel):
     name: str
     type: str
-    path: str
+    shared: bool
+    path: str  # on the node that answers
     total_bytes: int
     free_bytes: int
-    volumes: int
+    volumes: int  # the volumes this node can use
+    usable: bool  # on the node that answers
+    problem: str | None  # why not
+
+    @classmethod
+    def of(cls, view: PoolView) -> PoolOut:
+        capacity = view.capacity
+        return cls(
+            name=view.name,
+            type=view.type,
+            shared=view.shared,
+            path=str(view.path),
+            total_bytes=capacity.total if capacity else 0,
+            free_bytes=capacity.free if capacity else 0,
+            volumes=view.volumes,
+            usable=view.usable,
+            problem=view.problem,
+        )
+
+
+class PoolCreate(BaseModel):
+    name: str
+    path: str
+    shared: bool = False
+    type: str = "dir"
 
 
 class VolumeOut(BaseModel):
@@ -31,6 +57,7 @@ class VolumeOut(BaseModel):
     allocated_size: int
     attached_to: list[str]
     backing: str | None
+    node: str | None = None  # the node holding it, in a local pool
 
     @classmethod
     def of(cls, view: VolumeView) -> VolumeOut:
@@ -44,6 +71,7 @@ class VolumeOut(BaseModel):
             allocated_size=view.sizes.allocated,
             attached_to=view.attached_to,
             backing=view.backing,
+            node=view.node,
         )
 
 
@@ -126,20 +154,24 @@ async def eject_cdrom(request: Request, vm: str, drive: int, wait: bool = False)
 
 @router.get("/pools", response_model=list[PoolOut])
 async def list_pools(request: Request) -> list[PoolOut]:
-    return [
-        PoolOut(
-            name=p.name, type=p.type, path=p.path, total_bytes=c.total, free_bytes=c.free, volumes=n
-        )
-        for p, c, n in await daemon_of(request).volumes.pools()
-    ]
+    return [PoolOut.of(view) for view in await daemon_of(request).pools.list()]
+
+
+@router.post("/pools", response_model=PoolOut, status_code=201)
+async def create_pool(request: Request, body: PoolCreate) -> PoolOut:
+    pools = daemon_of(request).pools
+    return PoolOut.of(await pools.create(body.name, body.path, shared=body.shared, type=body.type))
 
 
 @router.get("/pools/{pool}", response_model=PoolOut)
 async def show_pool(request: Request, pool: str) -> PoolOut:
-    for out in await list_pools(request):
-        if out.name == pool:
-            return out
-    return JSONResponse({"detail": f"no storage pool named {pool!r}"}, 404)  # type: ignore[return-value]
+    return PoolOut.of(await daemon_of(request).pools.get(pool))
+
+
+@router.delete("/pools/{pool}")
+async def delete_pool(request: Request, pool: str) -> dict[str, str]:
+    await daemon_of(request).pools.delete(pool)
+    return {"deleted": pool}
 
 
 @router.get("/volumes", response_model=list[VolumeOut])

@@ -20,7 +20,10 @@ class DiskIn(BaseModel):
         None, description="size of a blank disk, or to grow an image to: 10G, 512M or bytes"
     )
     image: str | None = Field(None, description="image to create the disk from")
-    mode: str = Field("overlay", description="overlay (copy-on-write) or copy")
+    mode: str | None = Field(
+        None,
+        description="overlay (copy-on-write; the default) or copy (the default in a shared pool)",
+    )
 
 
 class CloudUserIn(BaseModel):
@@ -93,6 +96,9 @@ class VmCreate(BaseModel):
         None, description="anti-affinity: VMs of one group are placed on different nodes"
     )
     placement: str = Field("spread", description="spread (default) or pack")
+    pool: str | None = Field(
+        None, description="the storage pool for its disks (default: this node's data directory)"
+    )
 
 
 class VmClone(BaseModel):

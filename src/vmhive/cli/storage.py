@@ -19,13 +19,40 @@ PoolOpt = Annotated[str, typer.Option("--pool", "-p", help="storage pool")]
 
 
 def _pool_rows(pools: list[dict[str, Any]]) -> Table:
-    table = Table("name", "type", "path", "volumes", "free", "total")
+    table = Table("name", "type", "shared", "path", "volumes", "free", "total", "here")
     for p in pools:
         table.add_row(
-            p["name"], p["type"], p["path"], str(p["volumes"]),
+            p["name"], p["type"], "yes" if p["shared"] else "no", p["path"], str(p["volumes"]),
             human_size(p["free_bytes"]), human_size(p["total_bytes"]),
+            "usable" if p["usable"] else p["problem"],
         )  # fmt: skip
     return table
+
+
+@pool_app.command("create")
+def pool_create(
+    name: str,
+    path: Annotated[str, typer.Option(help="its directory (the same path on every node)")],
+    shared: Annotated[
+        bool,
+        typer.Option(
+            "--shared/--local",
+            help="shared: one storage mounted at PATH on every node; local: a directory "
+            "on each node (made if missing)",
+        ),
+    ] = False,
+    output: OutputOpt = Output.table,
+) -> None:
+    """Define a storage pool for the whole cluster."""
+    pool = api().post("/pools", json={"name": name, "path": path, "shared": shared})
+    print_json(pool) if output == Output.json else out.print(_pool_rows([pool]))
+
+
+@pool_app.command("delete")
+def pool_delete(name: str) -> None:
+    """Forget a pool that holds no volume and no VM disk (its directory stays)."""
+    api().delete(f"/pools/{name}")
+    out.print(f"pool {name} deleted")
 
 
 @pool_app.command("list")
@@ -43,11 +70,12 @@ def pool_show(name: str, output: OutputOpt = Output.table) -> None:
 
 
 def _volume_table(volumes: list[dict[str, Any]]) -> Table:
-    table = Table("pool", "name", "format", "size", "allocated", "attached to", "path")
+    table = Table("pool", "name", "format", "size", "allocated", "attached to", "node", "path")
     for v in volumes:
         table.add_row(
             v["pool"], v["name"], v["format"], human_size(v["virtual_size"]),
-            human_size(v["allocated_size"]), ", ".join(v["attached_to"]) or "-", v["path"],
+            human_size(v["allocated_size"]), ", ".join(v["attached_to"]) or "-",
+            v.get("node") or "-", v["path"],
         )  # fmt: skip
     return table
 

@@ -66,7 +66,10 @@ def vm_create(
         str | None, typer.Option(help="size of a blank disk (or to grow the image to), e.g. 10G")
     ] = None,
     full_copy: Annotated[
-        bool, typer.Option(help="copy the image instead of a copy-on-write overlay")
+        bool,
+        typer.Option(
+            help="copy the image instead of a copy-on-write overlay (always in a shared pool)"
+        ),
     ] = False,
     iso: Annotated[
         str | None, typer.Option(help="installer ISO for the CD-ROM (library name or path)")
@@ -111,6 +114,10 @@ def vm_create(
         str | None, typer.Option(help="anti-affinity group: its VMs go to different nodes")
     ] = None,
     placement: Annotated[str, typer.Option(help="spread or pack")] = "spread",
+    pool: Annotated[
+        str | None,
+        typer.Option(help="storage pool for its disks (a shared one lets it move with its disks)"),
+    ] = None,
     dry_run: Annotated[
         bool, typer.Option("--dry-run", help="explain where it would go; create nothing")
     ] = False,
@@ -125,6 +132,7 @@ def vm_create(
             "storage_bytes": size_arg(disk_size) if disk_size else 0,
             "affinity_group": group,
             "networks": [network] if network else [],
+            "pools": [pool] if pool else [],
             "strategy": placement,
         }
         print_placement(api().post("/placement", json=demand), output)
@@ -141,9 +149,7 @@ def vm_create(
     )
     disks: list[dict[str, Any]] = []
     if image:
-        disks.append(
-            {"image": image, "size": disk_size, "mode": "copy" if full_copy else "overlay"}
-        )
+        disks.append({"image": image, "size": disk_size, "mode": "copy" if full_copy else None})
     elif disk_size:
         disks.append({"size": disk_size})
     body = {
@@ -172,6 +178,7 @@ def vm_create(
         "node": node,
         "affinity_group": group,
         "placement": placement,
+        "pool": pool,
     }
     client = api()
     run_job(client, client.post("/vms", json=body), output, wait)

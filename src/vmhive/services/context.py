@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import shutil
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import ColumnElement, or_, select, true, update
@@ -17,7 +18,7 @@ from vmhive.hypervisor.base import Driver
 from vmhive.jobs.runner import JobRunner
 from vmhive.services.errors import Conflict, NotFound
 from vmhive.services.host import HostInfo
-from vmhive.store.models import Event, Vm, utcnow
+from vmhive.store.models import Disk, Event, Vm, utcnow
 
 
 class NotOwned(Conflict):
@@ -71,12 +72,22 @@ class ServiceContext:
             return await _one_vm(session, Vm.uuid == vm_uuid)
 
     async def discard_vm(self, vm_uuid: str, *, deleted_event: bool = False) -> None:
-        """Remove a VM's own files (disks, firmware variables) and its record.
+        """Remove a VM's own files (disks, firmware variables) and its record: its
+        folder in the data directory and, for disks made in a pool, `POOL/vms/UUID`.
 
         Serves the rollback of a half-made VM and the end of a deletion alike;
         safe to run twice.
         """
-        await asyncio.to_thread(shutil.rmtree, self.settings.vms_dir / vm_uuid, True)
+        folders = {self.settings.vms_dir / vm_uuid}
+        async with self.sessions() as session:
+            own = await session.scalars(
+                select(Disk.path)
+                .join(Vm, Disk.vm_id == Vm.id)
+                .where(Vm.uuid == vm_uuid, Disk.volume_id.is_(None))
+            )
+            folders |= {Path(p).parent for p in own if Path(p).parent.name == vm_uuid}
+        for folder in folders:
+            await asyncio.to_thread(shutil.rmtree, folder, True)
         async with self.sessions() as session:
             vm = await session.scalar(select(Vm).where(Vm.uuid == vm_uuid))
             if vm is not None:

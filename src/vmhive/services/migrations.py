@@ -22,9 +22,11 @@ Any failure before the switchover rolls back (the engine aborts the target:
 QEMU, disks, TAPs gone) and the guest runs on the source as before. A target
 that is never committed aborts itself after the migration's deadline.
 
-Storage: a disk inside this node's data directory is local and is mirrored;
-a VM whose disks all live elsewhere (a pool mounted at the same path on every
-node) and that has no UEFI variables (gen 1) moves only its RAM.
+Storage: a disk in a shared pool (the same storage at the same path on every
+node that sees the pool) stays where it is, and the target opens the same file;
+every other disk, and the UEFI variables of a gen 2 VM, is local to this node
+and is mirrored. A VM with nothing to mirror moves only its RAM and device
+state. A volume of a local pool does not move (it belongs to its node's pool).
 """
 
 from __future__ import annotations
@@ -56,8 +58,9 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, NotFound
 from vmhive.services.migration_target import IncomingMigrations
 from vmhive.services.networks import NetworkService
-from vmhive.services.nodes import NodeAddress, NodeService
+from vmhive.services.nodes import NodeAddress, NodeService, NodeView
 from vmhive.services.placement import Demand, refusal
+from vmhive.services.pools import PoolService
 from vmhive.store.models import Event, Job, Node, Vm
 from vmhive.tasks import spawn
 
@@ -182,18 +185,39 @@ class MigrationService:
         networks: NetworkService,
         nodes: NodeService,
         incoming: IncomingMigrations,
+        pools: PoolService,
     ) -> None:
         self.ctx = ctx
         self.networks = networks
         self.nodes = nodes
         self.incoming = incoming
+        self.pools = pools
 
-    def storage_of(self, vm: Vm) -> StorageMode:
-        data_dir = self.ctx.settings.data_dir.resolve()
-        local = [d for d in vm.disks if Path(d.path).resolve().is_relative_to(data_dir)]
-        if local or vm.generation == 2:
-            return StorageMode.LOCAL
-        return StorageMode.SHARED
+    async def to_mirror(self, vm: Vm, target: NodeView) -> list[str]:
+        """The block nodes to copy to `target`: every disk outside the shared pools, and
+        the UEFI variables. Refuses a volume of a local pool, and a shared pool the
+        target does not see."""
+        shared = await self.pools.shared_paths()
+        mirror: list[str] = []
+        needed: set[str] = set()
+        for disk in sorted(vm.disks, key=lambda d: d.index):
+            path = Path(disk.path)
+            pool = next((name for name, root in shared.items() if path.is_relative_to(root)), None)
+            if pool is not None:
+                needed.add(pool)
+            elif disk.volume_id is not None:
+                raise Conflict(
+                    f"VM {vm.name} has {path.name}, a volume of a local pool, attached: "
+                    "only volumes of a shared pool move with a VM; detach it first"
+                )
+            else:
+                mirror.append(f"disk{disk.index}")
+        if vm.generation == 2:
+            mirror.append("fw-vars")
+        missing = sorted(needed - target.pools) if target.pools is not None else []
+        if missing:
+            raise Conflict(f"node {target.name} does not see shared pool {', '.join(missing)}")
+        return mirror
 
     async def migrate(
         self, name: str, to: str, settings: MigrationSettings, *, offline: bool = False
@@ -202,10 +226,9 @@ class MigrationService:
         if to == self.nodes.name:
             raise Conflict(f"VM {name} is on node {to} already")
         view = await self.nodes.get(to)
+        mirror = await self.to_mirror(vm, view)
         if offline:
-            return await self._move_stopped(vm, view.name)
-        if any(d.volume_id is not None for d in vm.disks):
-            raise Conflict(f"VM {name} has pool volumes attached, which cannot migrate yet")
+            return await self._move_stopped(vm, view.name, mirror)
         if vm.state != "running" or not self.ctx.driver.is_running(vm.uuid):
             raise Conflict(f"VM {name} is {vm.state}: live migration moves a running VM")
         why = refusal(Demand(vm.vcpus, vm.memory_mib), view.candidate())
@@ -215,7 +238,7 @@ class MigrationService:
         migration_id = secrets.token_hex(8)  # in the job's params, for recovery
 
         async def job(ctx: JobContext) -> dict[str, Any]:
-            return await self._run(ctx, vm, address, settings, migration_id)
+            return await self._run(ctx, vm, address, settings, migration_id, mirror)
 
         return await self.ctx.runner.submit(
             "vm.migrate",
@@ -232,18 +255,18 @@ class MigrationService:
         node: NodeAddress,
         settings: MigrationSettings,
         migration_id: str,
+        mirror: list[str],
     ) -> dict[str, Any]:
         driver = self.ctx.driver
-        storage = self.storage_of(vm)
-        disks: list[dict[str, Any]] = []
-        if storage is StorageMode.LOCAL:
-            sizes = await driver.block_node_sizes(vm.uuid)
-            for disk in vm.disks:
-                disks.append({"node": f"disk{disk.index}", "format": disk.format,
-                              "size": sizes[f"disk{disk.index}"]})  # fmt: skip
-            if vm.generation == 2:
-                disks.append({"node": "fw-vars", "format": "raw", "size": sizes["fw-vars"]})
-        await ctx.log(f"migrating to node {node.name} ({storage} storage)")
+        storage = StorageMode.LOCAL if mirror else StorageMode.SHARED
+        formats = {f"disk{d.index}": d.format for d in vm.disks} | {"fw-vars": "raw"}
+        sizes = await driver.block_node_sizes(vm.uuid) if mirror else {}
+        disks = [{"node": n, "format": formats[n], "size": sizes[n]} for n in mirror]
+        kept = len(vm.disks) - len([n for n in mirror if n.startswith("disk")])
+        copied = f"copying {', '.join(mirror)}" if mirror else "copying no disk"
+        await ctx.log(
+            f"migrating to node {node.name} ({copied}; {kept} disks in shared pools stay)"
+        )
         headers = self.nodes.call_headers()
         base = f"http://{node.address}"
         failed = f"migration failed, {vm.name} runs here as before"
@@ -289,7 +312,7 @@ class MigrationService:
                     vm.uuid,
                     target,
                     storage=storage,
-                    disks=[d["node"] for d in disks],
+                    disks=mirror,
                     settings=settings,
                     on_progress=progress,
                 )
@@ -307,9 +330,9 @@ class MigrationService:
         ctx.commit()
         await self.networks.unplug(vm.uuid)
         await self.ctx.driver.cleanup(vm.uuid, specs.runtime_paths(self.ctx.settings, vm.uuid))
-        if storage is StorageMode.LOCAL:
-            folder = specs.vm_dir(self.ctx.settings, vm)
-            await asyncio.to_thread(shutil.rmtree, folder, True)
+        # This node's folder of the VM (mirrored disks, UEFI variables, seed) is unused
+        # now; disks in shared pools are the target's.
+        await asyncio.to_thread(shutil.rmtree, specs.vm_dir(self.ctx.settings, vm), True)
         downtime = "?" if stats.downtime_ms is None else f"{stats.downtime_ms} ms"
         await ctx.log(
             f"{vm.name} runs on node {node.name}: {stats.total_time_ms} ms in all, "
@@ -317,14 +340,14 @@ class MigrationService:
         )
         return {"node": node.name, **asdict(stats)}
 
-    async def _move_stopped(self, vm: Vm, to: str) -> str:
+    async def _move_stopped(self, vm: Vm, to: str, mirror: list[str]) -> str:
         """--offline: a stopped VM whose disks every node sees changes owner."""
         if vm.state not in ("stopped", "crashed") or self.ctx.driver.is_running(vm.uuid):
             raise Conflict(f"VM {vm.name} is {vm.state}: --offline moves a stopped VM")
-        if self.storage_of(vm) is not StorageMode.SHARED:
+        if mirror:
             raise Conflict(
-                f"VM {vm.name} has disks (or UEFI variables) in this node's data directory: "
-                "an offline move of local disks is not built; start it and migrate it live"
+                f"VM {vm.name} has {', '.join(mirror)} on this node only (not in a shared "
+                "pool): an offline copy of local disks is not built; start it and migrate it live"
             )
         target_id = await self._node_id(to)
 

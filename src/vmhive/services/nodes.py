@@ -70,9 +70,11 @@ class NodeView:
     vcpus_used: int
     memory_used_mib: int
     groups: frozenset[str]
+    pools: frozenset[str] | None = None  # the pools it can use; None: not reported yet
 
     def as_dict(self) -> dict[str, Any]:
-        data = {k: v for k, v in self.__dict__.items() if k != "groups"}
+        data = {k: v for k, v in self.__dict__.items() if k not in ("groups", "pools")}
+        data["pools"] = None if self.pools is None else sorted(self.pools)
         data["heartbeat_at"] = self.heartbeat_at.isoformat()
         data["joined_at"] = self.joined_at.isoformat()
         data["status"] = "online" if self.online else "offline"
@@ -94,6 +96,7 @@ class NodeView:
             memory_used_mib=self.memory_used_mib,
             vms=self.vms,
             groups=self.groups,
+            pools=self.pools,
         )
 
 
@@ -195,14 +198,14 @@ class NodeService:
             raise NotFound(f"no node named {name!r}")
         return NodeAddress(name, address)
 
-    async def heartbeat(self) -> None:
+    async def heartbeat(self, pools: list[str] | None = None) -> None:
+        """Alive, with the free storage and (when given) the pools this node can use."""
         _total, free = await asyncio.to_thread(self._storage)
+        facts: dict[str, Any] = {"heartbeat_at": utcnow(), "storage_free_bytes": free}
+        if pools is not None:
+            facts["pools"] = pools
         async with self.ctx.sessions() as session:
-            await session.execute(
-                update(Node)
-                .where(Node.id == self.id)
-                .values(heartbeat_at=utcnow(), storage_free_bytes=free)
-            )
+            await session.execute(update(Node).where(Node.id == self.id).values(**facts))
             await session.commit()
 
     # -- views ------------------------------------------------------------------
@@ -251,6 +254,7 @@ class NodeService:
                     vcpus_used=used.vcpus or 0 if used else 0,
                     memory_used_mib=used.memory or 0 if used else 0,
                     groups=frozenset(groups.get(node.id, ())),
+                    pools=None if node.pools is None else frozenset(node.pools),
                 )
             )
         return views

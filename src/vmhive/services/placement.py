@@ -1,8 +1,9 @@
 """Where a new VM goes: filters, then weights, with the reasons kept for `--dry-run`.
 
 Filters drop a node that is offline or drained, lacks free memory, vCPUs
-(within the overcommit ratio) or storage, lacks one of the VM's networks, or
-already runs a VM of the VM's anti-affinity group. Weights order the rest:
+(within the overcommit ratio) or storage, lacks one of the VM's networks or
+pools (a shared pool not mounted there), or already runs a VM of the VM's
+anti-affinity group. Weights order the rest:
 `spread` (the default) prefers the node with the largest share of memory still
 free, `pack` the smallest share that still fits, so whole nodes stay empty.
 Ties go to the node with fewer VMs, then to the name, so a choice is
@@ -26,6 +27,7 @@ class Demand:
     storage_bytes: int = 0
     affinity_group: str | None = None
     networks: tuple[str, ...] = ()
+    pools: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,7 @@ class Candidate:
     vms: int = 0
     groups: frozenset[str] = frozenset()
     networks: frozenset[str] | None = None  # None: every network exists there
+    pools: frozenset[str] | None = None  # the pools it can use; None: not known, any
 
     @property
     def memory_free_mib(self) -> int:
@@ -85,6 +88,10 @@ def refusal(demand: Demand, node: Candidate) -> str | None:
         missing = [n for n in demand.networks if n not in node.networks]
         if missing:
             return f"lacks network {', '.join(missing)}"
+    if node.pools is not None:
+        missing = [p for p in demand.pools if p not in node.pools]
+        if missing:
+            return f"lacks pool {', '.join(missing)}"
     if demand.affinity_group and demand.affinity_group in node.groups:
         return f"already runs a VM of anti-affinity group {demand.affinity_group}"
     return None

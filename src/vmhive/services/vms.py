@@ -23,6 +23,7 @@ from vmhive.services.lifecycle import Lifecycle
 from vmhive.services.networks import DEFAULT_NETWORK, NetworkService, check_model
 from vmhive.services.nodes import NodeService
 from vmhive.services.placement import Demand
+from vmhive.services.pools import PoolService
 from vmhive.storage import qemu_img
 from vmhive.storage.cloudinit import CloudInitConfig
 from vmhive.storage.images import ImageStore
@@ -40,7 +41,7 @@ class DiskRequest:
 
     size: int | None = None
     image: str | None = None
-    mode: str = "overlay"  # overlay (copy-on-write) | copy
+    mode: str | None = None  # overlay (copy-on-write) | copy; None: overlay, copy in a shared pool
 
 
 @dataclass
@@ -70,6 +71,7 @@ class CreateVmRequest:
     node: str | None = None  # None: placement chooses
     affinity_group: str | None = None  # VMs of a group go to different nodes
     placement: str = "spread"  # spread | pack
+    pool: str | None = None  # where its disks go; None: this node's data directory
 
     @property
     def cloud_init_config(self) -> CloudInitConfig | None:
@@ -101,11 +103,13 @@ class VmService:
         lifecycle: Lifecycle,
         networks: NetworkService,
         nodes: NodeService | None = None,
+        pools: PoolService | None = None,
     ) -> None:
         self.ctx = ctx
         self.lifecycle = lifecycle
         self.networks = networks
         self.nodes = nodes
+        self.pools = pools
         self.images = ImageStore(ctx.settings.images)
 
     def allowed_roots(self) -> list[Path]:
@@ -134,6 +138,7 @@ class VmService:
                 memory_mib=req.memory_mib,
                 storage_bytes=sum(d.size or 0 for d in req.disks),
                 affinity_group=req.affinity_group,
+                pools=(req.pool,) if req.pool else (),
             )
             verdict = await self.nodes.place(demand, req.placement)
             if verdict.node is None:
@@ -165,11 +170,19 @@ class VmService:
             raise InvalidRequest("an initrd needs a kernel")
         if req.cmdline and not kernel:
             raise InvalidRequest("a kernel command line needs a kernel")
-        sources = [await self._check_disk(d) for d in req.disks]
+        shared = False
+        if req.pool is not None:
+            if self.pools is None:
+                raise InvalidRequest("this daemon has no storage pools")
+            shared = (await self.pools.get(req.pool)).shared
+        sources = [await self._check_disk(d, req.pool if shared else None) for d in req.disks]
         mac = specs.check_mac(req.mac) if req.mac else None
         if req.affinity_group is not None:
             specs.check_name(req.affinity_group)
         node_id = await self._choose_node(req)
+        pool_dir = None
+        if req.pool is not None and self.pools is not None:
+            pool_dir = (await self.pools.usable_pool(req.pool))[1]
 
         nic_model = check_model(req.nic_model)
         vm_uuid = str(uuidlib.uuid4())
@@ -234,7 +247,7 @@ class VmService:
         reserved_on = network.id if network is not None and ip is not None else None
 
         async def job(ctx: JobContext) -> dict[str, Any]:
-            await self._build(ctx, vm_uuid, req, sources)
+            await self._build(ctx, vm_uuid, req, sources, pool_dir)
             if reserved_on is not None:
                 await self.networks.update_reservations(reserved_on)
             if req.start:
@@ -245,9 +258,19 @@ class VmService:
             "vm.create", f"vm:{vm_uuid}", job, params={"name": req.name}
         )
 
-    async def _check_disk(self, disk: DiskRequest) -> tuple[DiskRequest, Path | None, str, int]:
+    async def _check_disk(
+        self, disk: DiskRequest, shared_pool: str | None = None
+    ) -> tuple[DiskRequest, Path | None, str, int]:
+        """`shared_pool`: the disk goes there, so an image is copied in full by default
+        (an overlay there would need this node's image library on every node)."""
+        disk = dataclasses.replace(disk, mode=disk.mode or ("copy" if shared_pool else "overlay"))
         if disk.mode not in ("overlay", "copy"):
             raise InvalidRequest(f"disk mode must be overlay or copy, got {disk.mode!r}")
+        if shared_pool and disk.image and disk.mode == "overlay":
+            raise InvalidRequest(
+                f"an overlay in shared pool {shared_pool} would need image {disk.image} "
+                "at the same path on every node: use mode copy"
+            )
         if disk.size is not None and not 1024 * 1024 <= disk.size <= MAX_DISK_BYTES:
             raise InvalidRequest("disk size must be between 1 MiB and 64 TiB")
         if disk.image is None:
@@ -269,18 +292,26 @@ class VmService:
         vm_uuid: str,
         req: CreateVmRequest,
         sources: list[tuple[DiskRequest, Path | None, str, int]],
+        pool_dir: Path | None = None,
     ) -> None:
+        """The VM's folder in the data directory holds its UEFI variables, and its
+        disks too unless they go to a pool (`POOL/vms/UUID/`)."""
         settings = self.ctx.settings
         directory = settings.vms_dir / vm_uuid
+        disk_dir = directory if pool_dir is None else pool_dir / "vms" / vm_uuid
 
         async def remove_vm() -> None:
+            await asyncio.to_thread(shutil.rmtree, disk_dir, True)
             await self.ctx.discard_vm(vm_uuid)
 
         ctx.on_rollback(f"remove the half-created VM {req.name}", remove_vm)
         directory.mkdir(parents=True, exist_ok=False)
+        disk_dir.mkdir(parents=True, exist_ok=True)
+        if pool_dir is not None:
+            await ctx.log(f"disks in {disk_dir}")
         rows: list[Disk] = []
         for index, (disk, source, fmt, size) in enumerate(sources):
-            path = directory / f"disk{index}.qcow2"
+            path = disk_dir / f"disk{index}.qcow2"
             step = f"disk {index}"
             if source is None:
                 await ctx.log(f"{step}: blank qcow2 of {size} bytes")

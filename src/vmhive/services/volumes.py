@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
@@ -19,12 +20,11 @@ from vmhive.jobs.runner import JobContext, JobError
 from vmhive.services import imports, specs
 from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
+from vmhive.services.pools import PoolService
 from vmhive.storage import qemu_img
-from vmhive.storage.pools import Capacity, PoolDriver, VolumeSizes, driver_for
-from vmhive.store.db import insert_if_absent
-from vmhive.store.models import Disk, Pool, Vm, Volume
+from vmhive.storage.pools import PoolDriver, VolumeSizes
+from vmhive.store.models import Disk, Node, Pool, Vm, Volume
 
-DEFAULT_POOL = "local"
 VOLUME_NAME_RE = re.compile(r"[a-z0-9][a-z0-9._-]{0,127}")
 VOLUME_FORMATS = ("qcow2", "raw")
 MAX_VOLUME_BYTES = 64 * 1024**4
@@ -36,6 +36,7 @@ class VolumeView:
     sizes: VolumeSizes
     attached_to: list[str]
     backing: str | None
+    node: str | None = None  # the node holding it, in a local pool
 
 
 def check_volume_name(name: str) -> None:
@@ -51,40 +52,9 @@ def check_size(size: int) -> None:
 
 
 class VolumeService:
-    def __init__(self, ctx: ServiceContext) -> None:
+    def __init__(self, ctx: ServiceContext, pools: PoolService) -> None:
         self.ctx = ctx
-        self._pool_paths: tuple[str, ...] = ()
-
-    # -- pools ------------------------------------------------------------------
-
-    async def ensure_default_pool(self) -> None:
-        path = self.ctx.settings.data_dir / "pools" / DEFAULT_POOL
-        async with self.ctx.sessions() as session:
-            if await session.scalar(select(Pool).where(Pool.name == DEFAULT_POOL)) is None:
-                await insert_if_absent(session, Pool, name=DEFAULT_POOL, type="dir", path=str(path))
-                await session.commit()
-            pools = list(await session.scalars(select(Pool)))
-        for pool in pools:
-            driver_for(pool.type, pool.path).prepare()
-        self._pool_paths = tuple(pool.path for pool in pools if pool.type == "dir")
-
-    async def pools(self) -> list[tuple[Pool, Capacity, int]]:
-        async with self.ctx.sessions() as session:
-            rows = list(await session.scalars(select(Pool).order_by(Pool.name)))
-            grouped = await session.execute(
-                select(Volume.pool_id, func.count()).group_by(Volume.pool_id)
-            )
-            counts: dict[int, int] = dict(grouped.tuples().all())
-        return [
-            (pool, driver_for(pool.type, pool.path).capacity(), counts.get(pool.id, 0))
-            for pool in rows
-        ]
-
-    async def pool(self, name: str) -> tuple[Pool, Capacity, int]:
-        for row in await self.pools():
-            if row[0].name == name:
-                return row
-        raise NotFound(f"no storage pool named {name!r}")
+        self.pools = pools
 
     async def _pool(self, session: AsyncSession, name: str) -> Pool:
         pool = await session.scalar(select(Pool).where(Pool.name == name))
@@ -92,19 +62,25 @@ class VolumeService:
             raise NotFound(f"no storage pool named {name!r}")
         return pool
 
-    @staticmethod
-    def _driver(pool: Pool) -> PoolDriver:
-        return driver_for(pool.type, pool.path)
+    def _driver(self, pool: Pool) -> PoolDriver:
+        return self.pools.driver(pool)
 
     # -- reading ------------------------------------------------------------------
 
     async def _volume(self, session: AsyncSession, pool_name: str, name: str) -> Volume:
+        """A volume this node holds (any volume of a shared pool, its own of a local one)."""
         pool = await self._pool(session, pool_name)
         volume = await session.scalar(
             select(Volume).where(Volume.pool_id == pool.id, Volume.name == name)
         )
         if volume is None:
             raise NotFound(f"no volume {name!r} in pool {pool_name!r}")
+        if volume.node_id is not None and volume.node_id != self.ctx.node_id:
+            node = await session.scalar(select(Node.name).where(Node.id == volume.node_id))
+            raise Conflict(
+                f"volume {pool_name}/{name} is on node {node}: "
+                f"pool {pool_name} is local to each node, ask node {node}"
+            )
         return volume
 
     async def _users(self, session: AsyncSession, volume: Volume) -> tuple[list[str], list[str]]:
@@ -125,11 +101,14 @@ class VolumeService:
         if volume.backing_id is not None:
             parent = await session.get(Volume, volume.backing_id)
             backing = f"{parent.pool.name}/{parent.name}" if parent else None
-        try:
-            sizes = await self._driver(volume.pool).sizes(Path(volume.path), volume.format)
-        except qemu_img.QemuImgError:
-            sizes = VolumeSizes(volume.virtual_size, 0)
-        return VolumeView(volume, sizes, attached, backing)
+        sizes = VolumeSizes(volume.virtual_size, 0)  # another node's file is not read
+        node = None
+        if volume.node_id is not None:
+            node = await session.scalar(select(Node.name).where(Node.id == volume.node_id))
+        if volume.node_id in (None, self.ctx.node_id):
+            with contextlib.suppress(qemu_img.QemuImgError):
+                sizes = await self._driver(volume.pool).sizes(Path(volume.path), volume.format)
+        return VolumeView(volume, sizes, attached, backing, node)
 
     async def list(self, pool_name: str | None = None) -> list[VolumeView]:
         async with self.ctx.sessions() as session:
@@ -167,11 +146,13 @@ class VolumeService:
         """Record a new volume (so the name is taken at once); its file comes in the job."""
         async with self.ctx.sessions() as session:
             pool = await self._pool(session, pool_name)
+            if pool.name not in self.pools.usable:
+                raise Conflict(f"pool {pool_name} is not usable on this node (see `pool list`)")
             driver = self._driver(pool)
             path = driver.volume_path(name, fmt)
-            volume = Volume(
-                pool_id=pool.id, name=name, format=fmt, path=str(path), virtual_size=size
-            )
+            node_id = None if pool.shared else self.ctx.node_id
+            volume = Volume(pool_id=pool.id, name=name, format=fmt, path=str(path),
+                            virtual_size=size, node_id=node_id)  # fmt: skip
             session.add(volume)
             try:
                 await session.commit()
@@ -197,9 +178,6 @@ class VolumeService:
             path, driver = Path(volume.path), self._driver(volume.pool)
         await driver.delete(path)
         await self._forget(volume_id)
-
-    def pool_paths(self) -> tuple[str, ...]:
-        return self._pool_paths
 
     async def _forget(self, volume_id: int) -> None:
         async with self.ctx.sessions() as session:

@@ -109,7 +109,13 @@ class Disk(Base):
 
 
 class Pool(Base):
-    """Where volumes live. `type` selects the pool driver (dir today)."""
+    """Where volumes live. `type` selects the pool driver (dir today).
+
+    A pool is defined once for the cluster. A shared pool is the same storage on
+    every node (a mount of NFS or a cluster file system at `path`), recognized
+    by the `marker` id in its `.vmhive-pool` file; a local one is a directory on
+    each node, holding that node's volumes (`Volume.node_id`).
+    """
 
     __tablename__ = "pools"
 
@@ -117,6 +123,8 @@ class Pool(Base):
     name: Mapped[str] = mapped_column(String(63), unique=True)
     type: Mapped[str] = mapped_column(String(16))
     path: Mapped[str] = mapped_column(Text)
+    shared: Mapped[bool] = mapped_column(Boolean, default=False)
+    marker: Mapped[str | None] = mapped_column(String(36), nullable=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     volumes: Mapped[list[Volume]] = relationship(back_populates="pool", order_by="Volume.name")
@@ -135,6 +143,8 @@ class Volume(Base):
     backing_id: Mapped[int | None] = mapped_column(
         ForeignKey("volumes.id", ondelete="RESTRICT"), nullable=True
     )
+    # The node holding it, in a local pool; None in a shared pool.
+    node_id: Mapped[int | None] = mapped_column(Integer, nullable=True, index=True)
     created_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
 
     pool: Mapped[Pool] = relationship(back_populates="volumes", lazy="joined")
@@ -358,5 +368,7 @@ class Node(Base):
     accel: Mapped[str] = mapped_column(String(8), default="")
     drained: Mapped[bool] = mapped_column(Boolean, default=False)
     incarnation: Mapped[int] = mapped_column(Integer, default=1)
+    # The pools it can use (shared ones only when their marker is there); None: unknown.
+    pools: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
     joined_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
     heartbeat_at: Mapped[datetime] = mapped_column(UtcDateTime(), default=utcnow)
