@@ -45,7 +45,7 @@ lint: venv
 	$(BIN)/mypy
 
 test: setup lint
-	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/pytest -q
+	VMHIVE_IMAGE_CACHE=$(IMAGE_CACHE) $(BIN)/pytest -q --durations=30
 
 unit: venv
 	$(BIN)/pytest -q tests/unit

@@ -30,6 +30,7 @@ from vmhive.hypervisor.qemu.migration import (
     MigrationProgress,
     MigrationSettings,
     MigrationTarget,
+    NewDisk,
     StorageMode,
     plan_local_disks,
     target_spec,
@@ -139,7 +140,7 @@ class Lab:
     guests: list[Guest] = field(default_factory=list)
     targets: list[MigrationTarget] = field(default_factory=list)
 
-    def spec(self, disk: Path) -> VmSpec:
+    def spec(self, *disks: Path) -> VmSpec:
         return VmSpec(
             name="mig",
             uuid="0b6d6967-7261-4e74-9000-000000000001",
@@ -149,11 +150,12 @@ class Lab:
             machine="pc-i440fx-7.2",
             accel=Accel.TCG,
             runtime=RuntimePaths(self.root / "a"),
-            disks=(DiskSpec(disk),),
+            disks=tuple(DiskSpec(d) for d in disks),
             nics=(NicSpec(mac=MAC),),
         )
 
-    async def boot(self, image_dir: Path) -> Guest:
+    async def boot(self, image_dir: Path, *extra: Path) -> Guest:
+        """The tiny guest on an overlay of the image, with `extra` disks after it."""
         disk = self.root / "a-disk.qcow2"
         image = image_dir / "tiny.qcow2"
         subprocess.run(
@@ -161,7 +163,7 @@ class Lab:
             check=True,
             timeout=30,
         )
-        spec = self.spec(disk)
+        spec = self.spec(disk, *extra)
         proc = qemu_process.launch(build_argv(spec), spec.runtime.run_dir, spec.runtime.log_file)
         monitor = QmpMonitor("source")
         async with asyncio.timeout(WAIT_DEADLINE):
@@ -321,6 +323,40 @@ async def test_local_storage_there_and_back(lab: Lab, tiny_image_dir: Path) -> N
         ["qemu-img", "check", str(back.spec.disks[0].path)], capture_output=True, timeout=60
     )
     assert check.returncode == 0, check.stdout + check.stderr
+
+
+async def test_shared_and_local_disks_together(lab: Lab, tiny_image_dir: Path) -> None:
+    """disk0 in shared storage stays where it is (the target opens the same file);
+    disk1, local, is mirrored: what a VM in a shared pool with node-local parts
+    (a gen 2 VM's UEFI variables) goes through."""
+    local = lab.root / "a-local.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(local), "16M"], check=True)
+    source = await lab.boot(tiny_image_dir, local)
+    marks = "echo shared-data >/root/note; echo local-data >/dev/sdb; sync; echo ok"
+    assert await source.console.run(marks) == "ok"
+    await start_ticker(source)
+    shared, copy = source.spec.disks[0].path, lab.root / "b-local.qcow2"
+    spec = target_spec(source.spec, lab.root / "b", [shared, copy])
+    size = (await source.monitor.block_node_sizes())["disk1"]
+    handle = await MigrationTarget.launch(
+        spec, new_disks=[NewDisk(node="disk1", path=copy, format="qcow2", size=size)]
+    )
+    lab.targets.append(handle)
+    target = Guest(spec, handle.process, handle.monitor,
+                   await Console.open(spec.runtime.serial_socket))  # fmt: skip
+    lab.guests.append(target)
+    migration = LiveMigration(source.monitor, handle, storage=StorageMode.LOCAL, disks=["disk1"])
+
+    stats = await migration.run()
+
+    assert stats.status == "completed" and stats.disks_s > 0
+    await assert_continues(source, target)
+    assert await target.console.run("cat /root/note; head -c 10 /dev/sdb") == (
+        "shared-data\nlocal-data"
+    )
+    files = {n["node-name"]: n["file"] for n in await target.monitor.query_named_block_nodes()}
+    assert files["disk0"] == str(shared) and files["disk1"] == str(copy)
+    await source.quit()
 
 
 async def test_cancel_mid_way_rolls_back(lab: Lab, tiny_image_dir: Path) -> None:
