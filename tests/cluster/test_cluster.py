@@ -386,6 +386,37 @@ def test_killing_the_source_daemon_mid_migration_rolls_it_back(cluster: Cluster)
     n1.hive.cli("vm", "delete", "k1", "--force")
 
 
+def test_killing_the_target_daemon_mid_migration_leaves_it_nothing(cluster: Cluster) -> None:
+    """kill -9 of the receiving daemon: the source gives up and runs the guest on;
+    the target's restart kills the orphaned incoming QEMU and removes its files."""
+    n1, n2 = cluster["n1"], cluster["n2"]
+    tiny(n1, "t1", "--node", "n1", "--start")
+    n1.hive.wait_ready("t1")
+    vm_uuid = n1.hive.vm("t1")["uuid"]
+    n1.hive.run_in_guest_nowait(
+        "t1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
+    )
+    job = n1.hive.cli("vm", "migrate", "t1", "--to", "n2", "--bandwidth", "1M",
+                      "--no-wait", "-o", "json").json()  # fmt: skip
+    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    n2.hive.kill_daemon()
+    try:
+        n1.hive.cli("job", "wait", job["id"], check=False)
+        failed = n1.hive.cli("job", "show", job["id"], "-o", "json").json()
+        assert failed["state"] == "failed" and "runs here as before" in failed["error"], failed
+        assert owner(n1, "t1") == "n1" and n1.hive.vm("t1")["state"] == "running"
+        seen = last_tick(n1, "t1")
+        wait_for(lambda: last_tick(n1, "t1") > seen, 30, "the counter going on on n1")
+        assert _leftovers(n2, vm_uuid)  # the half-copied disk, until n2 is back
+    finally:
+        n2.hive.start()
+    assert "VM t1 belongs to another node now: killed its QEMU" in n2.hive.daemon_log()
+    assert not n2.hive.qemu_pids() and _leftovers(n2, vm_uuid) == []
+    job = n1.hive.cli("vm", "migrate", "t1", "--to", "n2", "-o", "json").json()  # still movable
+    assert job["state"] == "succeeded" and owner(n1, "t1") == "n2"
+    n1.hive.cli("vm", "delete", "t1", "--force")
+
+
 def test_offline_move_of_a_stopped_vm(cluster: Cluster) -> None:
     n1, n2 = cluster["n1"], cluster["n2"]
     n1.hive.cli("vm", "create", "o1", "-g", "1", "--memory", "64", "--no-nic", "--node", "n1")

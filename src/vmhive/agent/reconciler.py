@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import shutil
 from pathlib import Path
 
 from sqlalchemy import select
@@ -95,14 +96,20 @@ class Agent:
 
     async def _fence_moved_away(self) -> None:
         """VMs that ran here and belong to another node now (moved while this node
-        was down or thought dead): their QEMU must not run on here as well."""
+        was down or thought dead): their QEMU must not run on here as well. The
+        same for an incoming migration this node's stop cut short: its QEMU, TAPs,
+        run directory and new disks go (the VM's files in shared pools stay)."""
         async with self.ctx.sessions() as session:
             others = list(await session.scalars(select(Vm).where(~self.ctx.here())))
         for vm in others:
             runtime = specs.runtime_paths(self.ctx.settings, vm.uuid)
-            if not runtime.run_dir.exists():
+            folder = specs.vm_dir(self.ctx.settings, vm)
+            if not runtime.run_dir.exists() and not folder.exists():
                 continue
             done = await self.ctx.driver.fence(runtime)
+            await self.networks.unplug(vm.uuid)
+            for leftover in (runtime.run_dir, folder):
+                await asyncio.to_thread(shutil.rmtree, leftover, True)
             if done is not None:
                 log.warning("VM %s belongs to another node now: %s", vm.name, done)
                 async with self.ctx.sessions() as session:

@@ -203,10 +203,14 @@ def find_qemu_processes_under(root: Path) -> dict[int, list[str]]:
 
 def fence(run_dir: Path) -> int | None:
     """Kill the QEMU recorded in `run_dir` if it still runs (SIGKILL: the guest
-    must not write one more block); its PID, or None if none ran."""
+    must not write one more block) or, without a record (an incoming migration's
+    QEMU, never committed), any QEMU using `run_dir`; its PID, or None if none ran."""
     record = RuntimeRecord.load(run_dir)
-    if record is None or not is_our_process(record):
-        return None
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(record.pid, signal.SIGKILL)
-    return record.pid
+    if record is None:
+        pids = list(find_qemu_processes_under(run_dir)) if run_dir.is_dir() else []
+    else:
+        pids = [record.pid] if is_our_process(record) else []
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    return pids[0] if pids else None
