@@ -182,6 +182,8 @@ def test_upload_an_iso(page: Page, hive: Hive, tmp_path: Path) -> None:
     (tmp_path / "not-an-iso.iso").write_bytes(b"\0" * 70_000)
 
     goto(page, hive, "/storage")
+    local = page.get_by_test_id("pools").locator("tbody tr", has_text="local")
+    expect(local).to_contain_text("usable")  # scope and state on this node
     form = page.get_by_test_id("import-iso")
     form.get_by_test_id("upload-iso-file").set_input_files(str(tmp_path / "not-an-iso.iso"))
     form.get_by_role("button", name="Add ISO").click()

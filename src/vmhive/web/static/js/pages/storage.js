@@ -54,14 +54,14 @@ export async function render(main) {
     ]);
     setHtml(
       $("#pools"),
-      html`<div class="table-wrap"><table data-testid="pools"><thead><tr><th>Name</th><th>Type</th><th>Path</th><th class="num">Volumes</th><th class="num">Free</th><th class="num">Total</th></tr></thead>
-      <tbody>${pools.map((p) => html`<tr><td>${p.name}</td><td>${p.type}</td><td class="mono">${p.path}</td><td class="num">${p.volumes}</td><td class="num">${bytes(p.free_bytes)}</td><td class="num">${bytes(p.total_bytes)}</td></tr>`)}</tbody></table></div>`,
+      html`<div class="table-wrap"><table data-testid="pools"><thead><tr><th>Name</th><th>Type</th><th>Scope</th><th>Path</th><th class="num">Volumes</th><th class="num">Free</th><th class="num">Total</th><th>On this node</th></tr></thead>
+      <tbody>${pools.map((p) => html`<tr><td>${p.name}</td><td>${p.type}</td><td>${p.shared ? "shared" : "local"}</td><td class="mono">${p.path}</td><td class="num">${p.volumes}</td><td class="num">${bytes(p.free_bytes)}</td><td class="num">${bytes(p.total_bytes)}</td><td>${p.usable ? "usable" : html`<span class="badge bad" title="${p.problem}">not usable</span>`}</td></tr>`)}</tbody></table></div>`,
     );
     setHtml(
       $("#volumes"),
-      html`<div class="table-wrap"><table data-testid="volumes"><thead><tr><th>Pool</th><th>Name</th><th>Format</th><th class="num">Size</th><th class="num">Allocated</th><th>Attached to</th><th>Backing</th><th></th></tr></thead>
-      <tbody>${volumes.length ? volumes.map((v) => html`<tr data-pool="${v.pool}" data-name="${v.name}"><td>${v.pool}</td><td>${v.name}</td><td>${v.format}</td><td class="num">${bytes(v.virtual_size)}</td><td class="num">${bytes(v.allocated_size)}</td><td>${used(v.attached_to)}</td><td>${v.backing || "–"}</td>
-        <td><button type="button" class="small danger" data-op="delete-volume" ${v.attached_to.length ? html`disabled` : ""}>Delete</button></td></tr>`) : html`<tr><td colspan="8" class="empty">No volumes</td></tr>`}</tbody></table></div>`,
+      html`<div class="table-wrap"><table data-testid="volumes"><thead><tr><th>Pool</th><th>Name</th><th>Format</th><th class="num">Size</th><th class="num">Allocated</th><th>Attached to</th><th>Backing</th><th>Node</th><th></th></tr></thead>
+      <tbody>${volumes.length ? volumes.map((v) => html`<tr data-pool="${v.pool}" data-name="${v.name}"><td>${v.pool}</td><td>${v.name}</td><td>${v.format}</td><td class="num">${bytes(v.virtual_size)}</td><td class="num">${bytes(v.allocated_size)}</td><td>${used(v.attached_to)}</td><td>${v.backing || "–"}</td><td>${v.node || "–"}</td>
+        <td><button type="button" class="small danger" data-op="delete-volume" ${v.attached_to.length ? html`disabled` : ""}>Delete</button></td></tr>`) : html`<tr><td colspan="9" class="empty">No volumes</td></tr>`}</tbody></table></div>`,
     );
     setHtml(
       $("#isos"),
