@@ -155,7 +155,11 @@ class NetworkService:
         return {n.index: str(leases[n.mac]) if n.mac in leases else None for n in vm.nics}
 
     def cached_lease(self, nic: Nic) -> str | None:
-        lease = self._leases.get(nic.mac)
+        return self.lease_of(nic.mac)
+
+    def lease_of(self, mac: str) -> str | None:
+        """The address DHCP last handed out to `mac`, as last read (no file read)."""
+        lease = self._leases.get(mac)
         return str(lease) if lease else None
 
     def cached_address(self, nic: Nic) -> str | None:
