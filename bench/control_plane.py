@@ -65,7 +65,7 @@ from tests.pg import PgServer, PgUnavailable
 
 from vmhive.api.app import create_app, wrap
 from vmhive.config import Settings
-from vmhive.daemon import Daemon
+from vmhive.daemon import Daemon, freeze_long_lived
 from vmhive.hypervisor.fake import FakeDriver
 from vmhive.services.placement import Candidate, Demand, place
 from vmhive.storage.cloudinit import CloudInitConfig
@@ -126,6 +126,7 @@ async def started(db_url: str | None) -> AsyncIterator[tuple[Daemon, httpx.Async
     try:
         await daemon.start()
         app = wrap(create_app(daemon), daemon)
+        freeze_long_lived()  # as `vmhive serve` does
         headers = {"Authorization": f"Bearer {daemon.token}"}
         try:
             async with httpx.AsyncClient(
