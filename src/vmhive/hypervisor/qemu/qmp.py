@@ -678,6 +678,12 @@ class QmpMonitor:
             "block-export-del", {"id": export_id, "mode": "hard" if hard else "safe"}
         )
 
+    async def yank_block_nodes(self, node_names: Sequence[str]) -> None:
+        """Shut the connections of these (NBD client) block nodes down at once: their
+        requests in flight fail instead of waiting for a peer cut off or gone."""
+        instances = [{"type": "block-node", "node-name": name} for name in node_names]
+        await self._execute("yank", {"instances": instances})
+
     async def query_named_block_nodes(self) -> list[dict[str, Any]]:
         """Every block node, top-level or not (``flat``: no nested backing chains)."""
         result = await self._execute("query-named-block-nodes", {"flat": True})

@@ -380,6 +380,10 @@ class LiveMigration:
                 await asyncio.wait_for(self._changed.wait(), 0.1)
 
     async def _cancel_mirrors(self) -> None:
+        if self._nbd_nodes:  # the target is gone by now; on a cut network the mirrors'
+            # NBD requests would wait for it forever, and no cancel ends such a job
+            with contextlib.suppress(MonitorError):
+                await self.source.yank_block_nodes(self._nbd_nodes)
         ours = {m.job for m in self._mirrors}
         loop = asyncio.get_running_loop()
         deadline = loop.time() + 30
