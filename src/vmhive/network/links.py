@@ -15,6 +15,7 @@ calling process's network namespace.
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 import time
 from collections.abc import Iterator, Sequence
@@ -243,9 +244,15 @@ def set_ipv4_addresses(
     return added, removed
 
 
-def _random_mac() -> str:
-    """A random locally administered unicast MAC (02:...)."""
-    tail = os.urandom(5)
+def bridge_mac(name: str) -> str:
+    """The MAC of vmhive's bridge `name`: locally administered unicast (02:...) and
+    derived from the name, so every node of a cluster gives a network's gateway
+    the same MAC and a guest migrated between them keeps a valid ARP entry.
+
+    >>> bridge_mac("vh-bexample")
+    '02:d0:94:eb:8f:23'
+    """
+    tail = hashlib.sha256(name.encode()).digest()[:5]
     return "02:" + ":".join(f"{b:02x}" for b in tail)
 
 
@@ -256,9 +263,10 @@ def _random_mac() -> str:
 def ensure_bridge(name: str, *, alias: str) -> bool:
     """Create the bridge `name` labelled `alias` (its owner) unless it exists; True if created.
 
-    An existing bridge with another owner's label is refused. New bridges get a
-    fixed random MAC (a bridge otherwise takes the lowest MAC of its ports, which
-    changes as VMs come and go), forward delay 0 and no IPv6.
+    An existing bridge with another owner's label is refused. Bridges get the fixed
+    MAC `bridge_mac(name)` (a bridge otherwise takes the lowest MAC of its ports,
+    which changes as VMs come and go; an existing one is given it), forward delay
+    0 and no IPv6.
     """
     check_ifname(name)
     with _netlink(f"cannot create bridge {name}") as ipr:
@@ -275,9 +283,13 @@ def ensure_bridge(name: str, *, alias: str) -> bool:
                 )
             if existing.alias is None:
                 ipr.link("set", index=index, ifalias=alias)
+            if ipr.get_links(index)[0].get_attr("IFLA_ADDRESS") != bridge_mac(name):
+                ipr.link("set", index=index, address=bridge_mac(name))
             created = False
         else:
-            ipr.link("add", ifname=name, kind="bridge", address=_random_mac(), br_forward_delay=0)
+            ipr.link(
+                "add", ifname=name, kind="bridge", address=bridge_mac(name), br_forward_delay=0
+            )
             created = True
             try:
                 index = _lookup(ipr, name)

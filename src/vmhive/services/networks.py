@@ -6,6 +6,12 @@ time (`_host`), and the nftables ruleset is always rendered whole from the
 database plus the addresses the DHCP servers handed out, so every change is
 a single atomic replacement. A VM's TAPs exist while it runs: created before
 QEMU starts, removed when it stops.
+
+In a cluster the networks are rows of the shared database: a node sets up
+every network at its start, the node that creates one sets it up at once,
+and any other node sets it up (bridge, gateway address, DHCP server) when a
+VM started or migrated in there first needs it (`plug`). Each node's copy
+has the same subnet and gateway, so a migrated VM keeps its address.
 """
 
 from __future__ import annotations
@@ -77,6 +83,7 @@ class NetworkService:
         self._host = asyncio.Lock()
         self._leases: dict[str, ipaddress.IPv4Address] = {}  # MAC -> address handed out
         self._firewall_loaded = False
+        self._set_up: set[int] = set()  # ids of the networks this host provides
 
     @property
     def run_dir(self) -> Path:
@@ -227,6 +234,7 @@ class NetworkService:
             )
             await ctx.log(f"bridge {definition.bridge}, subnet {definition.subnet or '-'}")
             await self._on_host(hostnet.ensure_network, definition, self.run_dir)
+            self._set_up.add(row_id)
             await self.apply_firewall()
             return {"network": req.name, "bridge": definition.bridge}
 
@@ -295,6 +303,7 @@ class NetworkService:
                     session.add(Event(kind="network", message=f"network {name} deleted"))
                     await session.commit()
             ctx.commit()
+            self._set_up.discard(row.id)
             await self.apply_firewall()
             await self._on_host(hostnet.remove_network, definition, self.run_dir)
             await ctx.log(f"removed bridge {definition.bridge}, its DHCP server and rules")
@@ -328,15 +337,18 @@ class NetworkService:
             rows = list(await session.scalars(select(Network)))
         for row in rows:
             try:
-                definition = model_of(row)
-                await self._on_host(
-                    hostnet.ensure_network,
-                    definition,
-                    self.run_dir,
-                    reservations=await self._reservations(row.id),
-                )
+                await self._set_up_here(row)
             except (JobError, hostnet.NetworkError) as exc:
                 log.error("network %s could not be set up: %s", row.name, exc)
+
+    async def _set_up_here(self, row: Network) -> None:
+        await self._on_host(
+            hostnet.ensure_network,
+            model_of(row),
+            self.run_dir,
+            reservations=await self._reservations(row.id),
+        )
+        self._set_up.add(row.id)
 
     async def sync_ports(self) -> None:
         """After the agent adopted VMs: TAPs of running VMs exist, others are gone."""
@@ -412,6 +424,10 @@ class NetworkService:
         """Before QEMU starts: the VM's TAPs, on their bridges, and their rules."""
         if not any(n.backend == "tap" for n in vm.nics):
             return
+        for nic in vm.nics:  # a network created through another node is set up here
+            if nic.backend == "tap" and nic.network and nic.network.id not in self._set_up:
+                log.info("setting up network %s for VM %s", nic.network.name, vm.name)
+                await self._set_up_here(nic.network)
         await self._ensure_taps(vm)
         await self.apply_firewall()
 
