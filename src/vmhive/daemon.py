@@ -118,7 +118,7 @@ class Daemon:
         self.pools = PoolService(self.ctx)
         self.lifecycle = Lifecycle(self.ctx, self.networks)
         self.vms = VmService(self.ctx, self.lifecycle, self.networks, self.nodes, self.pools)
-        self.incoming = IncomingMigrations(self.ctx, self.networks, self.nodes)
+        self.incoming = IncomingMigrations(self.ctx, self.networks, self.nodes, self.pools)
         self.migrations = MigrationService(
             self.ctx, self.networks, self.nodes, self.incoming, self.pools
         )

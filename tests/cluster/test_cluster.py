@@ -233,11 +233,13 @@ def test_live_migration_with_a_shared_pool_moves_only_ram(cluster: Cluster) -> N
         )
         wait_for(lambda: last_tick(n1, "s1") >= 3, 30, "the counter on n1")
         before = uptime(n1, "s1")
+        running = {n.name: len(n.hive.qemu_pids()) for n in (n1, n2)}  # m1 may run on n1
         job = n2.hive.cli("vm", "migrate", "s1", "--to", "n2", "-o", "json").json()
         assert job["state"] == "succeeded" and job["result"]["disks_s"] == 0, job
         assert any("copying no disk" in line["message"] for line in job["log"])
         assert owner(n1, "s1") == "n2" and n2.hive.vm("s1")["disks"][0]["path"] == str(disk)
-        assert not n1.hive.qemu_pids() and len(n2.hive.qemu_pids()) == 1
+        assert len(n1.hive.qemu_pids()) == running["n1"] - 1
+        assert len(n2.hive.qemu_pids()) == running["n2"] + 1
         assert _leftovers(n1, vm["uuid"]) == [] and disk.exists()
         seen = last_tick(n2, "s1")
         wait_for(lambda: last_tick(n2, "s1") >= seen + 3, 30, "the counter going on on n2")
@@ -258,9 +260,10 @@ def test_live_migration_with_a_shared_pool_moves_only_ram(cluster: Cluster) -> N
             verdict = dry.json()
             assert verdict["node"] is None, verdict
             assert {c["reason"] for c in verdict["considered"]} == {"lacks pool san"}
+            on_n2 = n2.hive.qemu_pids()
             refused = n1.hive.cli("vm", "migrate", "s1", "--to", "n2", check=False)
             assert refused.rc != 0 and "node n2 does not see shared pool san" in refused.err
-            assert owner(n1, "s1") == "n1" and not n2.hive.qemu_pids()
+            assert owner(n1, "s1") == "n1" and n2.hive.qemu_pids() == on_n2
         finally:
             (shared / "marker.away").rename(shared / MARKER_FILE)
         n1.hive.cli("vm", "delete", "s1", "--force")
@@ -268,6 +271,32 @@ def test_live_migration_with_a_shared_pool_moves_only_ram(cluster: Cluster) -> N
         n1.hive.cli("pool", "delete", "san")
     finally:
         shutil.rmtree(shared, ignore_errors=True)
+
+
+def test_a_volume_of_a_local_pool_moves_with_its_vm(cluster: Cluster) -> None:
+    """An attached volume of pool `local` is mirrored into that pool on the target,
+    keeps its name and becomes the target's; the source's file goes."""
+    n1, n2 = cluster["n1"], cluster["n2"]
+    tiny(n1, "lv1", "--node", "n1")
+    n1.hive.cli("volume", "create", "vmig", "--size", "16M")
+    n1.hive.cli("vm", "disk", "attach", "lv1", "vmig")
+    n1.hive.cli("vm", "start", "lv1")
+    n1.hive.wait_ready("lv1")
+    n1.hive.run_in_guest("lv1", "echo volume-data > /dev/sdb; sync")
+    before = Path(n1.hive.cli("volume", "show", "vmig", "-o", "json").json()["path"])
+    assert before.parent == n1.hive.data_dir / "pools" / "local"
+    job = n1.hive.cli("vm", "migrate", "lv1", "--to", "n2", "-o", "json").json()
+    assert job["state"] == "succeeded" and owner(n1, "lv1") == "n2", job
+    volume = n2.hive.cli("volume", "show", "vmig", "-o", "json").json()
+    assert (volume["node"], volume["attached_to"]) == ("n2", ["lv1"])
+    assert Path(volume["path"]) == n2.hive.data_dir / "pools" / "local" / before.name
+    assert Path(volume["path"]).exists() and not before.exists()
+    assert n2.hive.run_in_guest("lv1", "head -c 11 /dev/sdb") == "volume-data"
+    elsewhere = n1.hive.cli("volume", "delete", "vmig", check=False)
+    assert elsewhere.rc != 0 and "is on node n2" in elsewhere.err
+    n1.hive.cli("vm", "delete", "lv1", "--force")
+    n2.hive.cli("volume", "delete", "vmig")
+    assert not Path(volume["path"]).exists()
 
 
 def _leftovers(node: Node, vm_uuid: str) -> list[str]:

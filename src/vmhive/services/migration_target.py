@@ -1,6 +1,15 @@
 """The receiving side of a live migration between nodes (see migrations.py):
 the incoming QEMU this node starts for a source node, driven over the
-internal API, and made this node's VM at the commit."""
+internal API, and made this node's VM at the commit.
+
+The source calls in every half second while it drives a migration (its
+`status` poll). Every call renews a lease: an incoming migration whose source
+has not called for `LEASE_S` (the network cut, the source daemon dead) is
+aborted here on this node's own initiative -- QEMU, new disks and TAPs gone --
+unless the guest may already run here (`cont` was sent), which only the
+source's commit or its recovery may settle. A migration never committed is
+aborted in any case after its deadline (plus a margin).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +17,11 @@ import asyncio
 import logging
 import socket
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, cast
 
-from sqlalchemy import update
+from sqlalchemy import select, update
 
 from vmhive.hypervisor.qemu.argv import build_argv
 from vmhive.hypervisor.qemu.migration import (
@@ -31,11 +40,13 @@ from vmhive.services.context import ServiceContext
 from vmhive.services.errors import Conflict, InvalidRequest, NotFound
 from vmhive.services.networks import NetworkService
 from vmhive.services.nodes import NodeService
-from vmhive.store.models import Disk, Event, Vm
+from vmhive.services.pools import PoolService
+from vmhive.store.models import Disk, Event, Pool, Vm, Volume
 
 log = logging.getLogger(__name__)
 
 EXTS = {"qcow2": "qcow2", "raw": "img"}
+LEASE_S = 15.0  # seconds without a call from the source before the target gives up
 
 
 def _free_port(host: str) -> int:
@@ -66,15 +77,25 @@ class _Incoming:
     target: TcpMigrationTarget
     disk_paths: dict[int, str]  # disk index -> its new path here (local storage)
     expiry: asyncio.Task[None] | None = None
+    last_call: float = 0.0  # time.monotonic() of the source's last call
+    volumes: dict[int, int] = field(default_factory=dict)  # disk index -> volume moving here
+    handed_over: bool = False  # `cont` was sent: the guest may run here
 
 
 class IncomingMigrations:
     """What the target node keeps of the migrations coming to it."""
 
-    def __init__(self, ctx: ServiceContext, networks: NetworkService, nodes: NodeService) -> None:
+    def __init__(
+        self,
+        ctx: ServiceContext,
+        networks: NetworkService,
+        nodes: NodeService,
+        pools: PoolService | None = None,
+    ) -> None:
         self.ctx = ctx
         self.networks = networks
         self.nodes = nodes
+        self.pools = pools
         self._open: dict[str, _Incoming] = {}
         self._aborted: set[str] = set()  # aborts of migrations not (yet) open
 
@@ -82,6 +103,7 @@ class IncomingMigrations:
         found = self._open.get(migration_id)
         if found is None:
             raise NotFound(f"no incoming migration {migration_id}")
+        found.last_call = time.monotonic()
         return found
 
     async def prepare(self, body: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +129,14 @@ class IncomingMigrations:
             if cd.iso and not Path(cd.iso).exists():
                 raise Conflict(f"{cd.iso} is not on node {self.nodes.name}: eject it first")
         storage = StorageMode(body["storage"])
+        mirrored = {str(entry.get("node")) for entry in body.get("disks", [])}
+        for disk in vm.disks:  # the disks not copied are opened where they are
+            if f"disk{disk.index}" not in mirrored and not Path(disk.path).exists():
+                raise Conflict(
+                    f"{disk.path} is not on node {self.nodes.name}: "
+                    "its shared pool is not mounted there"
+                )
+        volumes = await self._volume_paths(vm, mirrored)
         folder = specs.vm_dir(settings, vm)
         folder.mkdir(parents=True, exist_ok=True)
         new_disks: list[NewDisk] = []
@@ -117,7 +147,11 @@ class IncomingMigrations:
                 path = folder / specs.VARS_FILE
             elif node.startswith("disk") and node[4:].isdigit():
                 index = int(node[4:])
-                path = folder / f"migrated-disk{index}.{EXTS.get(fmt, fmt)}"
+                path = (
+                    volumes[index][1]
+                    if index in volumes
+                    else (folder / f"migrated-disk{index}.{EXTS.get(fmt, fmt)}")
+                )
                 paths[index] = str(path)
             else:
                 raise InvalidRequest(f"unknown block node {node!r}")
@@ -140,7 +174,8 @@ class IncomingMigrations:
         target.host = host
         target.ports = (_free_port(host), _free_port(host))
         migration_id = str(body["id"])
-        incoming = _Incoming(vm, target, paths)
+        incoming = _Incoming(vm, target, paths, last_call=time.monotonic())
+        incoming.volumes = {index: volume_id for index, (volume_id, _) in volumes.items()}
         self._open[migration_id] = incoming
         deadline = float(body.get("deadline_s", 3600)) + 120
         incoming.expiry = asyncio.create_task(self._expire(migration_id, deadline))
@@ -151,11 +186,52 @@ class IncomingMigrations:
             "nbd": {"host": host, "port": target.ports[1]},
         }
 
+    async def _volume_paths(self, vm: Vm, mirrored: set[str]) -> dict[int, tuple[int, Path]]:
+        """Volumes of a local pool among the disks to copy: each goes to the same pool
+        here, under its name (disk index -> volume id, its path here)."""
+        wanted = {d.volume_id: d.index for d in vm.disks
+                  if d.volume_id is not None and f"disk{d.index}" in mirrored}  # fmt: skip
+        if not wanted:
+            return {}
+        async with self.ctx.sessions() as session:
+            rows = await session.execute(
+                select(Volume, Pool)
+                .join(Pool, Volume.pool_id == Pool.id)
+                .where(Volume.id.in_(wanted))
+            )
+            found = [(volume, pool) for volume, pool in rows]
+        paths: dict[int, tuple[int, Path]] = {}
+        for volume, pool in found:
+            if self.pools is None or pool.name not in self.pools.usable:
+                raise Conflict(f"pool {pool.name} is not usable on node {self.nodes.name}")
+            path = self.pools.driver(pool).volume_path(volume.name, volume.format)
+            if path.exists():
+                raise Conflict(f"{path} is on node {self.nodes.name} already")
+            paths[wanted[volume.id]] = (volume.id, path)
+        return paths
+
     async def _expire(self, migration_id: str, after: float) -> None:
-        await asyncio.sleep(after)
-        if migration_id in self._open:
-            log.warning("incoming migration %s was never committed: aborting it", migration_id)
-            await self.abort(migration_id)
+        """Abort the migration once its deadline passed, or once the source stopped
+        calling for LEASE_S before the guest could have run here."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + after
+        while (incoming := self._open.get(migration_id)) is not None:
+            silent = time.monotonic() - incoming.last_call
+            if loop.time() >= deadline:
+                log.warning("incoming migration %s was never committed: aborting it", migration_id)
+                await self.abort(migration_id)
+                return
+            if silent >= LEASE_S and not incoming.handed_over:
+                log.warning(
+                    "incoming migration %s of VM %s: no word from the source for %.0f s, "
+                    "aborting it",
+                    migration_id,
+                    incoming.vm.name,
+                    silent,
+                )
+                await self.abort(migration_id)
+                return
+            await asyncio.sleep(min(1.0, max(0.0, deadline - loop.time())))
 
     async def op(self, migration_id: str, name: str, args: dict[str, Any]) -> dict[str, Any]:
         target = self._get(migration_id).target
@@ -172,9 +248,12 @@ class IncomingMigrations:
             status = await monitor.query_status()
             return {"status": status.status, "running": status.running}
         elif name == "cont":
+            incoming = self._get(migration_id)
+            incoming.handed_over = True  # from here only a commit or the source decides
             try:
                 await monitor.cont()
             except QmpCommandError as exc:
+                incoming.handed_over = False
                 return {"refused": str(exc)}
         elif name == "wait-event":
             try:
@@ -215,6 +294,18 @@ class IncomingMigrations:
                 .values(node_id=self.ctx.node_id, pid=target.process.pid, accel=spec.accel.value)
             )
             for index, path in incoming.disk_paths.items():
+                volume_id = incoming.volumes.get(index)
+                if volume_id is not None:  # a volume, here now, whole (no backing file)
+                    await session.execute(
+                        update(Volume)
+                        .where(Volume.id == volume_id)
+                        .values(path=path, node_id=self.ctx.node_id, backing_id=None)
+                    )
+                    await session.execute(
+                        update(Disk).where(Disk.vm_id == vm.id, Disk.index == index)
+                        .values(path=path)
+                    )  # fmt: skip
+                    continue
                 await session.execute(
                     update(Disk)
                     .where(Disk.vm_id == vm.id, Disk.index == index)

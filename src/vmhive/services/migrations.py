@@ -20,7 +20,9 @@ local `MigrationTarget`. The sequence:
 
 Any failure before the switchover rolls back (the engine aborts the target:
 QEMU, disks, TAPs gone) and the guest runs on the source as before. A target
-that is never committed aborts itself after the migration's deadline.
+the source stops calling (a network cut, the source daemon dead) aborts
+itself after 15 s unless it may already run the guest, and one never
+committed aborts after the migration's deadline (migration_target.py).
 
 Storage: a disk in a shared pool (the same storage at the same path on every
 node that sees the pool) stays where it is, and the target opens the same file;
@@ -68,6 +70,7 @@ log = logging.getLogger(__name__)
 
 INTERNAL = "/api/internal/migrations"
 POLL = 0.5  # seconds between checks that the target QEMU still lives
+UNREACHABLE_S = 8.0  # without an answer from the target node: as good as gone
 # -- the source node: the target on another node, as the engine sees it --------
 
 
@@ -109,8 +112,11 @@ class _RemoteMonitor:
 class RemoteTarget:
     """The incoming QEMU on another node, behind a local MigrationTarget's interface."""
 
-    def __init__(self, client: httpx.AsyncClient, base: str, answer: dict[str, Any]) -> None:
+    def __init__(
+        self, client: httpx.AsyncClient, base: str, answer: dict[str, Any], node: str = ""
+    ) -> None:
         self.client = client
+        self.node = node
         self.url = f"{base}{INTERNAL}/{answer['id']}"
         self.migration_endpoint = Endpoint.tcp(
             answer["migration"]["host"], answer["migration"]["port"]
@@ -134,18 +140,18 @@ class RemoteTarget:
         return answer
 
     async def _watch_exit(self) -> None:
-        failures = 0
+        answered = time.monotonic()
         while not self.process.exited.is_set():
             await asyncio.sleep(POLL)
             try:
-                status = await self.call("status", timeout=10)
+                status = await self.call("status", timeout=3)
             except MigrationError as exc:
-                failures += 1
-                if failures >= 6:  # 3 s without an answer: as good as gone
-                    self.process.reason = str(exc)
+                silent = time.monotonic() - answered
+                if silent >= UNREACHABLE_S:
+                    self.process.reason = f"node {self.node} unreachable for {silent:.0f} s ({exc})"
                     self.process.exited.set()
                 continue
-            failures = 0
+            answered = time.monotonic()
             if status["exited"]:
                 self.process.reason = status["reason"]
                 self.process.exited.set()
@@ -163,12 +169,22 @@ class RemoteTarget:
         self.committed = True
 
     async def abort(self) -> None:
+        """Tell the target to tear down; brief, as the engine's rollback waits for it
+        (a target that cannot be told clears up by itself, its lease run out)."""
         self._watch.cancel()
         with contextlib.suppress(httpx.HTTPError):
-            await self.client.delete(self.url, timeout=60)
+            await self.client.delete(self.url, timeout=10)
 
     async def close(self) -> None:
         self._watch.cancel()
+
+
+def _remove_copied(folder: Path, vm_uuid: str, disks: list[Path]) -> None:
+    shutil.rmtree(folder, ignore_errors=True)
+    for path in disks:
+        path.unlink(missing_ok=True)
+        if path.parent.name == vm_uuid:  # POOL/vms/UUID
+            shutil.rmtree(path.parent, ignore_errors=True)
 
 
 def _detail(response: httpx.Response) -> str:
@@ -194,9 +210,9 @@ class MigrationService:
         self.pools = pools
 
     async def to_mirror(self, vm: Vm, target: NodeView) -> list[str]:
-        """The block nodes to copy to `target`: every disk outside the shared pools, and
-        the UEFI variables. Refuses a volume of a local pool, and a shared pool the
-        target does not see."""
+        """The block nodes to copy to `target`: every disk outside the shared pools
+        (volumes of a local pool too: they move to the same pool there), and the
+        UEFI variables. Refuses a shared pool the target does not see."""
         shared = await self.pools.shared_paths()
         mirror: list[str] = []
         needed: set[str] = set()
@@ -205,11 +221,6 @@ class MigrationService:
             pool = next((name for name, root in shared.items() if path.is_relative_to(root)), None)
             if pool is not None:
                 needed.add(pool)
-            elif disk.volume_id is not None:
-                raise Conflict(
-                    f"VM {vm.name} has {path.name}, a volume of a local pool, attached: "
-                    "only volumes of a shared pool move with a VM; detach it first"
-                )
             else:
                 mirror.append(f"disk{disk.index}")
         if vm.generation == 2:
@@ -288,7 +299,7 @@ class MigrationService:
                 raise
             if response.status_code >= 400:
                 raise JobError(f"{failed}: node {node.name} refused: {_detail(response)}")
-            target = RemoteTarget(client, base, response.json())
+            target = RemoteTarget(client, base, response.json(), node.name)
             last = [0.0]
 
             def progress(p: MigrationProgress) -> None:
@@ -330,9 +341,12 @@ class MigrationService:
         ctx.commit()
         await self.networks.unplug(vm.uuid)
         await self.ctx.driver.cleanup(vm.uuid, specs.runtime_paths(self.ctx.settings, vm.uuid))
-        # This node's folder of the VM (mirrored disks, UEFI variables, seed) is unused
-        # now; disks in shared pools are the target's.
-        await asyncio.to_thread(shutil.rmtree, specs.vm_dir(self.ctx.settings, vm), True)
+        # This node's copies are unused now: the VM's folder (UEFI variables, seed,
+        # disks) and mirrored disks elsewhere (in a local pool: its volumes, or the
+        # VM's folder there). Disks in shared pools are the target's.
+        folder = specs.vm_dir(self.ctx.settings, vm)
+        moved = [Path(d.path) for d in vm.disks if f"disk{d.index}" in mirror]
+        await asyncio.to_thread(_remove_copied, folder, vm.uuid, moved)
         downtime = "?" if stats.downtime_ms is None else f"{stats.downtime_ms} ms"
         await ctx.log(
             f"{vm.name} runs on node {node.name}: {stats.total_time_ms} ms in all, "
