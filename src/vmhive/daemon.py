@@ -171,6 +171,7 @@ class Daemon:
             await asyncio.sleep(self.settings.reconcile_interval)
             try:
                 await self.nodes.heartbeat(pools=await self.pools.refresh())
+                await self.networks.take_down_deleted()
             except Exception:
                 log.exception("heartbeat failed")
 

@@ -204,3 +204,18 @@ def test_a_guest_keeps_its_mac_and_ip_on_a_nat_network(cluster: Cluster, lan: st
     assert vm_ip(n1, "ip1") == ip
     assert guest_address(n3, "ip1") == (mac, ip)
     n1.hive.cli("vm", "delete", "ip1", "--force")
+
+
+def test_a_network_deleted_through_one_node_goes_from_every_node(
+    cluster: Cluster, lan: str
+) -> None:
+    """With no VM left on it, `lan` deleted through n2 leaves n1 and n3 too:
+    their heartbeat takes the bridge and its gateway address down."""
+    n1, n2, n3 = cluster["n1"], cluster["n2"], cluster["n3"]
+    assert not n1.hive.cli("vm", "list", "-o", "json").json()  # the tests above cleaned up
+    assert all(f"{GATEWAY}/24" in n.ns.run("ip", "-br", "addr").stdout for n in (n1, n3))
+    n2.hive.cli("network", "delete", lan)
+    for node in (n1, n3):
+        wait_for(lambda node=node: f"{GATEWAY}/24" not in node.ns.run("ip", "-br", "addr").stdout,
+                 30, f"{node.name} to take lan down")  # fmt: skip
+    assert "network lan was deleted: taking it down here" in n3.hive.daemon_log()

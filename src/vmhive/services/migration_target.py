@@ -174,8 +174,8 @@ class IncomingMigrations:
         target.host = host
         target.ports = (_free_port(host), _free_port(host))
         migration_id = str(body["id"])
-        incoming = _Incoming(vm, target, paths, last_call=time.monotonic())
-        incoming.volumes = {index: volume_id for index, (volume_id, _) in volumes.items()}
+        moving = {index: volume_id for index, (volume_id, _) in volumes.items()}
+        incoming = _Incoming(vm, target, paths, last_call=time.monotonic(), volumes=moving)
         self._open[migration_id] = incoming
         deadline = float(body.get("deadline_s", 3600)) + 120
         incoming.expiry = asyncio.create_task(self._expire(migration_id, deadline))

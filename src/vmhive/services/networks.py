@@ -11,7 +11,9 @@ In a cluster the networks are rows of the shared database: a node sets up
 every network at its start, the node that creates one sets it up at once,
 and any other node sets it up (bridge, gateway address, DHCP server) when a
 VM started or migrated in there first needs it (`plug`). Each node's copy
-has the same subnet and gateway, so a migrated VM keeps its address.
+has the same subnet and gateway, so a migrated VM keeps its address. A
+network deleted through one node is taken down by the others at their next
+heartbeat (`take_down_deleted`).
 """
 
 from __future__ import annotations
@@ -83,7 +85,9 @@ class NetworkService:
         self._host = asyncio.Lock()
         self._leases: dict[str, ipaddress.IPv4Address] = {}  # MAC -> address handed out
         self._firewall_loaded = False
-        self._set_up: set[int] = set()  # ids of the networks this host provides
+        # The networks this host provides, by id: what to take down if another
+        # node deletes one (`take_down_deleted`).
+        self._set_up: dict[int, hostnet.Network] = {}
 
     @property
     def run_dir(self) -> Path:
@@ -234,7 +238,7 @@ class NetworkService:
             )
             await ctx.log(f"bridge {definition.bridge}, subnet {definition.subnet or '-'}")
             await self._on_host(hostnet.ensure_network, definition, self.run_dir)
-            self._set_up.add(row_id)
+            self._set_up[row_id] = definition
             await self.apply_firewall()
             return {"network": req.name, "bridge": definition.bridge}
 
@@ -303,7 +307,7 @@ class NetworkService:
                     session.add(Event(kind="network", message=f"network {name} deleted"))
                     await session.commit()
             ctx.commit()
-            self._set_up.discard(row.id)
+            self._set_up.pop(row.id, None)
             await self.apply_firewall()
             await self._on_host(hostnet.remove_network, definition, self.run_dir)
             await ctx.log(f"removed bridge {definition.bridge}, its DHCP server and rules")
@@ -342,13 +346,31 @@ class NetworkService:
                 log.error("network %s could not be set up: %s", row.name, exc)
 
     async def _set_up_here(self, row: Network) -> None:
+        definition = model_of(row)
         await self._on_host(
             hostnet.ensure_network,
-            model_of(row),
+            definition,
             self.run_dir,
             reservations=await self._reservations(row.id),
         )
-        self._set_up.add(row.id)
+        self._set_up[row.id] = definition
+
+    async def take_down_deleted(self) -> None:
+        """Networks deleted through another node: their bridge, DHCP server and rules
+        go here too (each node's heartbeat)."""
+        if not self._set_up:
+            return
+        async with self.ctx.sessions() as session:
+            existing = set(await session.scalars(select(Network.id)))
+        gone = {i: d for i, d in self._set_up.items() if i not in existing}
+        if not gone:
+            return
+        for network_id in gone:
+            del self._set_up[network_id]
+        await self.apply_firewall()
+        for definition in gone.values():
+            log.info("network %s was deleted: taking it down here", definition.name)
+            await self._on_host(hostnet.remove_network, definition, self.run_dir)
 
     async def sync_ports(self) -> None:
         """After the agent adopted VMs: TAPs of running VMs exist, others are gone."""
