@@ -14,6 +14,7 @@ import sys
 import tempfile
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 from sqlalchemy import create_engine, text
@@ -166,6 +167,13 @@ def test_a_node_back_from_the_dead_fences_a_vm_moved_away(cluster: Cluster) -> N
     assert not n2.hive.qemu_pids()
 
 
+def start_counter(node: Node, vm: str) -> None:
+    """The guest prints tick-1, tick-2, ... on its serial console, 3 a second."""
+    node.hive.run_in_guest_nowait(
+        vm, "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
+    )
+
+
 def uptime(node: Node, vm: str) -> float:
     return float(node.hive.run_in_guest(vm, "cat /proc/uptime").split()[-2])
 
@@ -183,9 +191,7 @@ def test_live_migration_moves_a_running_guest_and_back(cluster: Cluster) -> None
     tiny(n1, "m1", "--node", "n1", "--start")
     n1.hive.wait_ready("m1")
     n1.hive.run_in_guest("m1", "echo kept > /root/before.txt; sync")
-    n1.hive.run_in_guest_nowait(
-        "m1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
-    )
+    start_counter(n1, "m1")
     wait_for(lambda: last_tick(n1, "m1") >= 3, 30, "the counter on n1")
     before = uptime(n1, "m1")
     job = n3.hive.cli("vm", "migrate", "m1", "--to", "n2", "-o", "json").json()
@@ -228,9 +234,7 @@ def test_live_migration_with_a_shared_pool_moves_only_ram(cluster: Cluster) -> N
         assert disk.parent == shared / "vms" / vm["uuid"]
         n1.hive.wait_ready("s1")
         n1.hive.run_in_guest("s1", "echo kept > /root/before.txt; sync")
-        n1.hive.run_in_guest_nowait(
-            "s1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
-        )
+        start_counter(n1, "s1")
         wait_for(lambda: last_tick(n1, "s1") >= 3, 30, "the counter on n1")
         before = uptime(n1, "s1")
         running = {n.name: len(n.hive.qemu_pids()) for n in (n1, n2)}  # m1 may run on n1
@@ -308,6 +312,19 @@ def _copying(node: Node, job_id: str) -> bool:
     """The job's log shows data moving (a progress line)."""
     job = node.hive.cli("job", "show", job_id, "-o", "json").json()
     return any("MiB" in line["message"] for line in job["log"])
+
+
+def _copying_guest(source: Node, vm: str, to: Node) -> tuple[str, dict[str, Any]]:
+    """A new guest on `source` printing a counter, caught mid-way through a slow
+    (1 MB/s) migration to `to`: its uuid and the migration job."""
+    tiny(source, vm, "--node", source.name, "--start")
+    source.hive.wait_ready(vm)
+    start_counter(source, vm)
+    job: dict[str, Any] = source.hive.cli(
+        "vm", "migrate", vm, "--to", to.name, "--bandwidth", "1M", "--no-wait", "-o", "json"
+    ).json()
+    wait_for(lambda: _copying(source, job["id"]), 60, "the copy to start")
+    return source.hive.vm(vm)["uuid"], job
 
 
 def test_a_cancelled_or_failed_migration_leaves_the_source_running(cluster: Cluster) -> None:
@@ -391,15 +408,7 @@ def test_killing_the_source_daemon_mid_migration_rolls_it_back(cluster: Cluster)
     rolled back (the target had not run the guest): the guest runs on the source
     only, and the target is left with nothing."""
     n1, n2 = cluster["n1"], cluster["n2"]
-    tiny(n1, "k1", "--node", "n1", "--start")
-    n1.hive.wait_ready("k1")
-    vm_uuid = n1.hive.vm("k1")["uuid"]
-    n1.hive.run_in_guest_nowait(
-        "k1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
-    )
-    job = n1.hive.cli("vm", "migrate", "k1", "--to", "n2", "--bandwidth", "1M",
-                      "--no-wait", "-o", "json").json()  # fmt: skip
-    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    vm_uuid, job = _copying_guest(n1, "k1", n2)
     n1.hive.kill_daemon()
     n1.hive.start()
     assert "migration of k1 to n2 rolled back" in n1.hive.daemon_log()
@@ -419,15 +428,7 @@ def test_killing_the_target_daemon_mid_migration_leaves_it_nothing(cluster: Clus
     """kill -9 of the receiving daemon: the source gives up and runs the guest on;
     the target's restart kills the orphaned incoming QEMU and removes its files."""
     n1, n2 = cluster["n1"], cluster["n2"]
-    tiny(n1, "t1", "--node", "n1", "--start")
-    n1.hive.wait_ready("t1")
-    vm_uuid = n1.hive.vm("t1")["uuid"]
-    n1.hive.run_in_guest_nowait(
-        "t1", "(i=0; while true; do i=$((i+1)); echo tick-$i; sleep 0.3; done) &"
-    )
-    job = n1.hive.cli("vm", "migrate", "t1", "--to", "n2", "--bandwidth", "1M",
-                      "--no-wait", "-o", "json").json()  # fmt: skip
-    wait_for(lambda: _copying(n1, job["id"]), 60, "the copy to start")
+    vm_uuid, job = _copying_guest(n1, "t1", n2)
     n2.hive.kill_daemon()
     try:
         n1.hive.cli("job", "wait", job["id"], check=False)
