@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import uuid as uuidlib
 from dataclasses import dataclass
@@ -64,13 +65,15 @@ def make_directory(directory: Path, marker: str | None, made: list[Path]) -> Non
             directory.mkdir(parents=True)
             made.append(directory)
         if not directory.is_dir():
-            raise NotADirectoryError(20, "not a directory")
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory")
         return
     if not directory.is_dir():
-        raise FileNotFoundError(2, "no such directory: mount the shared storage there first")
+        raise FileNotFoundError(
+            errno.ENOENT, "no such directory: mount the shared storage there first"
+        )
     found = read_marker(directory)
     if found is not None:
-        raise FileExistsError(17, f"it already holds a vmhive pool ({found})")
+        raise FileExistsError(errno.EEXIST, f"it already holds a vmhive pool ({found})")
     (directory / MARKER_FILE).write_text(marker + "\n")
     made.append(directory / MARKER_FILE)
 
