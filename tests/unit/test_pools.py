@@ -115,11 +115,12 @@ async def test_bad_pools_are_refused_and_change_nothing(client: Client, mount: P
         ({"name": "inner", "path": str(data / "pools" / "local" / "x")}, 409, "overlaps pool local"),
         ({"name": "san", "path": str(mount / "absent"), "shared": True}, 422, "mount the shared"),
         ({"name": "t", "path": str(mount), "type": "lvm"}, 422, "pool type"),
+        ({"name": "t", "path": str(mount), "shraed": True}, 422, "shraed"),
     ]  # fmt: skip
     for body, status, message in cases:
         response = await client.call("POST", "/api/pools", json=body)
         assert response.status_code == status, (body, response.text)
-        assert message in response.json()["detail"], (body, response.text)
+        assert message in str(response.json()["detail"]), (body, response.text)
     assert await definitions(client) == before
     assert not (mount / "absent").exists() and not any(mount.iterdir())
 

@@ -42,6 +42,7 @@ class PoolOut(BaseModel):
 
 
 class PoolCreate(BaseModel):
+    model_config = ConfigDict(extra="forbid")
     name: str
     path: str
     shared: bool = False
