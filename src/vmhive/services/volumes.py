@@ -51,6 +51,14 @@ def check_size(size: int) -> None:
         raise InvalidRequest("volume size must be between 1 MiB and 64 TiB")
 
 
+async def _node_name(session: AsyncSession, node_id: int | None) -> str | None:
+    """The name of the node holding a volume of a local pool (None: a shared pool)."""
+    if node_id is None:
+        return None
+    name: str | None = await session.scalar(select(Node.name).where(Node.id == node_id))
+    return name
+
+
 class VolumeService:
     def __init__(self, ctx: ServiceContext, pools: PoolService) -> None:
         self.ctx = ctx
@@ -76,7 +84,7 @@ class VolumeService:
         if volume is None:
             raise NotFound(f"no volume {name!r} in pool {pool_name!r}")
         if volume.node_id is not None and volume.node_id != self.ctx.node_id:
-            node = await session.scalar(select(Node.name).where(Node.id == volume.node_id))
+            node = await _node_name(session, volume.node_id)
             raise Conflict(
                 f"volume {pool_name}/{name} is on node {node}: "
                 f"pool {pool_name} is local to each node, ask node {node}"
@@ -102,9 +110,7 @@ class VolumeService:
             parent = await session.get(Volume, volume.backing_id)
             backing = f"{parent.pool.name}/{parent.name}" if parent else None
         sizes = VolumeSizes(volume.virtual_size, 0)  # another node's file is not read
-        node = None
-        if volume.node_id is not None:
-            node = await session.scalar(select(Node.name).where(Node.id == volume.node_id))
+        node = await _node_name(session, volume.node_id)
         if volume.node_id in (None, self.ctx.node_id):
             with contextlib.suppress(qemu_img.QemuImgError):
                 sizes = await self._driver(volume.pool).sizes(Path(volume.path), volume.format)
